@@ -1,0 +1,279 @@
+"""InceptionV3 in Flax linen, layer for layer the Keras application.
+
+Architecture follows `keras.applications.InceptionV3` (itself TF-slim and
+Szegedy et al. 2016, "Rethinking the Inception Architecture"), so that Keras'
+ImageNet weights load without any numerical change:
+
+* every convolution has no bias and is followed by BatchNorm with epsilon=1e-3
+  and no scale (gamma): the ReLU after it makes a scale redundant;
+* the stem convolutions and the stride-2 reductions are 'VALID'; convolutions
+  inside the Inception blocks are 'SAME';
+* the 3x3 average pools inside blocks exclude the padding from the mean
+  (`pool_include_padding=False`). torchvision's port counts the padding, so a
+  model converted from torchvision sets it True to compute the same function.
+
+Module names follow torchvision's (`Mixed_5b/branch5x5_1`, ...), because those
+are the names researchers already know; `cxr_jax.weights` maps Keras' anonymous
+`conv2d_N` layers onto them explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Keras' BatchNormalization defaults: the ImageNet statistics were produced with
+# these, and Flax's `momentum` has the same meaning as Keras' (the weight of the
+# old running value), unlike PyTorch's.
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+
+
+class BasicConv(nn.Module):
+  """Conv (no bias) -> BatchNorm (no scale) -> ReLU."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: str = "SAME"
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
+                padding=self.padding, use_bias=False, dtype=self.dtype,
+                name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                     epsilon=BN_EPSILON, use_scale=False, dtype=self.dtype,
+                     axis_name=self.bn_axis_name if train else None,
+                     name="bn")(x)
+    return nn.relu(x)
+
+
+class _Block(nn.Module):
+  """Shared plumbing of the Inception blocks: a conv factory and the pool."""
+
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  pool_include_padding: bool = False
+
+  def conv(self, features, kernel_size, name, strides=(1, 1), padding="SAME"):
+    return BasicConv(features, kernel_size, strides, padding, dtype=self.dtype,
+                     bn_axis_name=self.bn_axis_name, name=name)
+
+  def avg_pool_3x3(self, x):
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
+                       count_include_pad=self.pool_include_padding)
+
+
+class InceptionA(_Block):
+  """35x35 block (Keras mixed0-2, torchvision Mixed_5b-d)."""
+
+  pool_features: int = 32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b1 = self.conv(64, (1, 1), "branch1x1")(x, train)
+    b5 = self.conv(48, (1, 1), "branch5x5_1")(x, train)
+    b5 = self.conv(64, (5, 5), "branch5x5_2")(b5, train)
+    b3 = self.conv(64, (1, 1), "branch3x3dbl_1")(x, train)
+    b3 = self.conv(96, (3, 3), "branch3x3dbl_2")(b3, train)
+    b3 = self.conv(96, (3, 3), "branch3x3dbl_3")(b3, train)
+    bp = self.conv(self.pool_features, (1, 1), "branch_pool")(
+        self.avg_pool_3x3(x), train)
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(_Block):
+  """35 -> 17 reduction (Keras mixed3, torchvision Mixed_6a)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b3 = self.conv(384, (3, 3), "branch3x3", (2, 2), "VALID")(x, train)
+    bd = self.conv(64, (1, 1), "branch3x3dbl_1")(x, train)
+    bd = self.conv(96, (3, 3), "branch3x3dbl_2")(bd, train)
+    bd = self.conv(96, (3, 3), "branch3x3dbl_3", (2, 2), "VALID")(bd, train)
+    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return jnp.concatenate([b3, bd, bp], axis=-1)
+
+
+class InceptionC(_Block):
+  """17x17 block with factorised 7x7 convolutions (mixed4-7, Mixed_6b-e)."""
+
+  channels_7x7: int = 128
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c7 = self.channels_7x7
+    b1 = self.conv(192, (1, 1), "branch1x1")(x, train)
+    b7 = self.conv(c7, (1, 1), "branch7x7_1")(x, train)
+    b7 = self.conv(c7, (1, 7), "branch7x7_2")(b7, train)
+    b7 = self.conv(192, (7, 1), "branch7x7_3")(b7, train)
+    bd = self.conv(c7, (1, 1), "branch7x7dbl_1")(x, train)
+    bd = self.conv(c7, (7, 1), "branch7x7dbl_2")(bd, train)
+    bd = self.conv(c7, (1, 7), "branch7x7dbl_3")(bd, train)
+    bd = self.conv(c7, (7, 1), "branch7x7dbl_4")(bd, train)
+    bd = self.conv(192, (1, 7), "branch7x7dbl_5")(bd, train)
+    bp = self.conv(192, (1, 1), "branch_pool")(self.avg_pool_3x3(x), train)
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(_Block):
+  """17 -> 8 reduction (Keras mixed8, torchvision Mixed_7a)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b3 = self.conv(192, (1, 1), "branch3x3_1")(x, train)
+    b3 = self.conv(320, (3, 3), "branch3x3_2", (2, 2), "VALID")(b3, train)
+    b7 = self.conv(192, (1, 1), "branch7x7x3_1")(x, train)
+    b7 = self.conv(192, (1, 7), "branch7x7x3_2")(b7, train)
+    b7 = self.conv(192, (7, 1), "branch7x7x3_3")(b7, train)
+    b7 = self.conv(192, (3, 3), "branch7x7x3_4", (2, 2), "VALID")(b7, train)
+    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return jnp.concatenate([b3, b7, bp], axis=-1)
+
+
+class InceptionE(_Block):
+  """8x8 block with expanded filter banks (mixed9-10, Mixed_7b-c)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b1 = self.conv(320, (1, 1), "branch1x1")(x, train)
+    b3 = self.conv(384, (1, 1), "branch3x3_1")(x, train)
+    b3 = jnp.concatenate([
+        self.conv(384, (1, 3), "branch3x3_2a")(b3, train),
+        self.conv(384, (3, 1), "branch3x3_2b")(b3, train),
+    ], axis=-1)
+    bd = self.conv(448, (1, 1), "branch3x3dbl_1")(x, train)
+    bd = self.conv(384, (3, 3), "branch3x3dbl_2")(bd, train)
+    bd = jnp.concatenate([
+        self.conv(384, (1, 3), "branch3x3dbl_3a")(bd, train),
+        self.conv(384, (3, 1), "branch3x3dbl_3b")(bd, train),
+    ], axis=-1)
+    bp = self.conv(192, (1, 1), "branch_pool")(self.avg_pool_3x3(x), train)
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class InceptionAux(_Block):
+  """torchvision's auxiliary classifier on Mixed_6e (off by default).
+
+  It needs a Mixed_6e map of at least 17x17, i.e. inputs of about 299 px.
+  """
+
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if x.shape[1] < 17 or x.shape[2] < 17:
+      raise ValueError(
+          f"the auxiliary logits branch needs a Mixed_6e map of at least 17x17 "
+          f"(inputs of about 299 px); got {x.shape[1]}x{x.shape[2]}")
+    x = nn.avg_pool(x, (5, 5), strides=(3, 3), padding="VALID")
+    x = self.conv(128, (1, 1), "conv0")(x, train)
+    x = self.conv(768, (5, 5), "conv1", padding="VALID")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+
+
+# (name, block class, extra attributes) in the order the network applies them.
+# The same order is Keras' layer-creation order, which the converter relies on.
+BLOCKS: Sequence[tuple[str, type[_Block], dict[str, Any]]] = (
+    ("Mixed_5b", InceptionA, {"pool_features": 32}),
+    ("Mixed_5c", InceptionA, {"pool_features": 64}),
+    ("Mixed_5d", InceptionA, {"pool_features": 64}),
+    ("Mixed_6a", InceptionB, {}),
+    ("Mixed_6b", InceptionC, {"channels_7x7": 128}),
+    ("Mixed_6c", InceptionC, {"channels_7x7": 160}),
+    ("Mixed_6d", InceptionC, {"channels_7x7": 160}),
+    ("Mixed_6e", InceptionC, {"channels_7x7": 192}),
+    ("Mixed_7a", InceptionD, {}),
+    ("Mixed_7b", InceptionE, {}),
+    ("Mixed_7c", InceptionE, {}),
+)
+STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
+    ("Conv2d_1a_3x3", 32, (3, 3), (2, 2), "VALID"),
+    ("Conv2d_2a_3x3", 32, (3, 3), (1, 1), "VALID"),
+    ("Conv2d_2b_3x3", 64, (3, 3), (1, 1), "SAME"),
+    ("Conv2d_3b_1x1", 80, (1, 1), (1, 1), "VALID"),
+    ("Conv2d_4a_3x3", 192, (3, 3), (1, 1), "VALID"),
+)
+MIN_INPUT_SIZE = 75
+FEATURE_MAP = "Mixed_7c"  # the last convolutional map, 2048 channels, for CAM
+
+
+class InceptionV3(nn.Module):
+  """InceptionV3 with a `num_classes`-way linear head (logits).
+
+  Attributes:
+    num_classes: outputs of the head. DeepCXray uses 15: the 14 diseases of
+      `cxr_jax.labels.DISEASES` and the auxiliary "normal" output.
+    dropout_rate: dropout before the head in training (Keras: none, 0.0;
+      torchvision: 0.5).
+    dtype: computation dtype (e.g. bfloat16); parameters stay float32.
+    aux_logits: add torchvision's auxiliary classifier on Mixed_6e.
+    pool_include_padding: count padding in the block average pools, as
+      torchvision does; False is Keras/TF-slim.
+    bn_axis_name: when set, training-mode BatchNorm averages its batch
+      statistics over this named axis (under shard_map/pmap), so that N devices
+      normalise exactly as one device with the global batch would.
+
+  Call `model.apply(variables, x, train=False)` with NHWC inputs in [-1, 1].
+  It returns logits; with `return_features=True` it returns
+  `(logits, {"Mixed_7c": map, "pooled": vector[, "aux_logits": ...]})`.
+  """
+
+  num_classes: int = 1000
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  aux_logits: bool = False
+  pool_include_padding: bool = False
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"expected NHWC inputs with 3 channels, got {x.shape}")
+    if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+      raise ValueError(f"InceptionV3 needs inputs of at least "
+                       f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {x.shape[1:3]}")
+    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    x = x.astype(self.dtype)
+    for i, (name, features, kernel, strides, padding) in enumerate(STEM):
+      x = BasicConv(features, kernel, strides, padding, name=name, **common)(
+          x, train)
+      if i in (2, 4):  # after Conv2d_2b and Conv2d_4a
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    features = {}
+    for name, block, attrs in BLOCKS:
+      x = block(pool_include_padding=self.pool_include_padding, name=name,
+                **attrs, **common)(x, train)
+      if name == "Mixed_6e" and self.aux_logits:
+        features["aux_logits"] = InceptionAux(
+            num_classes=self.num_classes, name="AuxLogits",
+            pool_include_padding=self.pool_include_padding, **common)(x, train)
+    features[FEATURE_MAP] = x
+    # Global average pooling, as Keras' avg_pool layer: the CAM of a class is
+    # then exactly the head's weights applied to the Mixed_7c map.
+    pooled = jnp.mean(x, axis=(1, 2))
+    features["pooled"] = pooled
+    pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+    # Logits leave the model in float32 so that losses and metrics never see
+    # bfloat16 rounding, whatever the compute dtype.
+    logits = logits.astype(jnp.float32)
+    if return_features:
+      return logits, features
+    return logits
+
+
+def count_parameters(variables) -> int:
+  """All numbers in `variables` (params and BatchNorm statistics), the way
+  Keras' `count_params()` counts them."""
+  return sum(int(v.size) for v in jax.tree_util.tree_leaves(variables))
+

@@ -1,0 +1,95 @@
+"""InceptionV3's structure: sizes, named features, dtype, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxr_jax import labels
+from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
+
+
+def _shapes(model, size):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                           jnp.zeros((1, size, size, 3))))
+
+
+def test_parameter_counts_match_keras():
+  keras = pytest.importorskip("keras")
+  reference = keras.applications.InceptionV3(weights=None).count_params()
+  ours = count_parameters(_shapes(InceptionV3(num_classes=1000), 299))
+  head15 = count_parameters(_shapes(InceptionV3(num_classes=15), 299))
+  print(f"parameters: 1000-way {ours:,} (keras {reference:,}); "
+        f"15-way {head15:,}")
+  assert ours == reference == 23_851_784
+  # Only the head differs: 2048*15 + 15 instead of 2048*1000 + 1000.
+  assert head15 == ours - 2048 * 985 - 985
+  assert 21.8e6 < head15 < 21.9e6
+
+
+def test_deepcxray_head_is_14_diseases_then_normal():
+  assert labels.NUM_OUTPUTS == 15
+  assert labels.OUTPUTS[labels.NORMAL_INDEX] == labels.NORMAL
+  assert labels.DISEASES[0] == "Atelectasis"
+  assert labels.DISEASES[-1] == "Hernia"
+  assert labels.index("Pleural_Thickening") == labels.index(
+      "Pleural Thickening")
+  assert labels.index("Infiltrate") == labels.index("Infiltration")
+  with pytest.raises(KeyError, match="Pneumonitis"):
+    labels.index("Pneumonitis")
+
+
+@pytest.mark.parametrize("size,grid", [(75, 1), (107, 2), (299, 8)])
+def test_features_are_reachable_by_name_at_any_size(size, grid):
+  model = InceptionV3(num_classes=15)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  logits, feats = model.apply(variables, jnp.zeros((2, size, size, 3)),
+                              return_features=True)
+  assert logits.shape == (2, 15)
+  assert feats[FEATURE_MAP].shape == (2, grid, grid, 2048)
+  np.testing.assert_allclose(feats["pooled"],
+                             feats[FEATURE_MAP].mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_rejects_inputs_below_75_pixels():
+  model = InceptionV3(num_classes=15)
+  with pytest.raises(ValueError, match="at least 75x75"):
+    model.init(jax.random.key(0), jnp.zeros((1, 74, 74, 3)))
+
+
+def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
+  x = jax.random.uniform(jax.random.key(1), (2, 75, 75, 3), minval=-1, maxval=1)
+  f32 = InceptionV3(num_classes=15)
+  variables = f32.init(jax.random.key(0), x)
+  bf16 = InceptionV3(num_classes=15, dtype=jnp.bfloat16)
+  bf16_vars = bf16.init(jax.random.key(0), x)
+  assert {l.dtype for l in jax.tree_util.tree_leaves(bf16_vars)} == {
+      jnp.dtype("float32")}
+  ref = f32.apply(variables, x)
+  out, feats = bf16.apply(variables, x, return_features=True)
+  assert feats[FEATURE_MAP].dtype == jnp.bfloat16
+  assert out.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert rel < 0.05, rel  # bf16 has 8 mantissa bits
+
+
+def test_training_mode_updates_batch_stats_and_uses_dropout():
+  model = InceptionV3(num_classes=15, dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(1), (4, 75, 75, 3))
+  variables = model.init(jax.random.key(0), x)
+  out, updates = model.apply(variables, x, train=True,
+                             mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.key(2)})
+  before = variables["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
+  after = updates["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
+  assert not np.allclose(before, after)
+  assert "scale" not in variables["params"]["Conv2d_1a_3x3"]["bn"]
+
+
+def test_aux_branch_is_optional_and_needs_299():
+  model = InceptionV3(num_classes=15, aux_logits=True)
+  shapes = _shapes(model, 299)
+  assert shapes["params"]["AuxLogits"]["fc"]["kernel"].shape == (768, 15)
+  assert "AuxLogits" not in _shapes(InceptionV3(num_classes=15), 299)["params"]
+  with pytest.raises(ValueError, match="auxiliary logits"):
+    _shapes(model, 107)

@@ -1,0 +1,210 @@
+"""Converted ImageNet weights compute what the source framework computes."""
+
+import logging
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from cxr_jax import cli, parity, weights
+from cxr_jax.models import FEATURE_MAP, InceptionV3
+
+TOLERANCE = 1e-4  # relative error, float32
+
+
+@pytest.fixture(scope="module")
+def keras_files(tmp_path_factory):
+  pytest.importorskip("keras")
+  model = parity.build_keras_reference(299, seed=3)
+  tmp = str(tmp_path_factory.mktemp("keras"))
+  return model, parity.save_keras_weights(model, tmp)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "keras3"])
+def test_keras_parity_logits_and_mixed_7c(keras_files, layout, tmp_path):
+  model, paths = keras_files
+  out = str(tmp_path / "w.npz")
+  meta = weights.convert("keras", paths[layout], out)
+  assert meta["layout"] == layout and meta["num_classes"] == 1000
+  variables = weights.load_pretrained(out)
+  rng = np.random.default_rng(0)
+  for size in (299, 91):
+    reference = model if size == 299 else parity.keras_at_size(model, size)
+    x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    k_logits, k_map = parity.keras_outputs(reference, x)
+    f_logits, f_map = parity.flax_outputs(variables, x)
+    err_logits = parity.relative_error(f_logits, k_logits)
+    err_map = parity.relative_error(f_map, k_map)
+    print(f"{layout}@{size}: logits {err_logits:.2e}, "
+          f"{FEATURE_MAP} {err_map:.2e}")
+    assert err_logits <= TOLERANCE and err_map <= TOLERANCE
+
+
+def test_keras2_names_convert_identically(keras_files, tmp_path):
+  """The real ImageNet file was written by Keras 2: 1-based names
+  (conv2d_1 ...) and ':0' weight names. Renaming must not change the result."""
+  _, paths = keras_files
+  renamed = str(tmp_path / "keras2.h5")
+  with h5py.File(paths["legacy"]) as src, h5py.File(renamed, "w") as dst:
+    def k2(name):
+      base, _, num = name.rpartition("_")
+      if num.isdigit():
+        return f"{base}_{int(num) + 1}"
+      return f"{name}_1" if name.startswith(("conv2d", "batch_norm")) else name
+    names = [n.decode() if isinstance(n, bytes) else n
+             for n in src.attrs["layer_names"]]
+    dst.attrs["layer_names"] = [k2(n).encode() for n in names]
+    for n in names:
+      g = dst.create_group(k2(n))
+      wnames = [w.decode() if isinstance(w, bytes) else w
+                for w in src[n].attrs["weight_names"]]
+      new_names = []
+      for w in wnames:
+        new = f"{k2(n)}/{w.split('/')[-1]}:0"
+        g.create_dataset(new, data=src[n][w][()])
+        new_names.append(new.encode())
+      g.attrs["weight_names"] = new_names
+  a, _ = weights.convert_keras(paths["legacy"])
+  b, _ = weights.convert_keras(renamed)
+  for x, y in zip(weights._flatten(a).values(), weights._flatten(b).values()):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_truncated_and_foreign_files_get_clear_errors(keras_files, tmp_path):
+  _, paths = keras_files
+  truncated = tmp_path / "truncated.h5"
+  truncated.write_bytes(open(paths["legacy"], "rb").read()[:50_000])
+  with pytest.raises(weights.ConversionError, match="truncated.h5"):
+    weights.convert_keras(str(truncated))
+  text = tmp_path / "notes.h5"
+  text.write_text("not hdf5")
+  with pytest.raises(weights.ConversionError, match="not a readable HDF5"):
+    weights.convert_keras(str(text))
+  empty = tmp_path / "empty.h5"
+  with h5py.File(empty, "w") as f:
+    f.create_group("something")
+  with pytest.raises(weights.ConversionError, match="neither a legacy"):
+    weights.convert_keras(str(empty))
+  with pytest.raises(FileNotFoundError, match="missing.h5"):
+    weights.convert_keras(str(tmp_path / "missing.h5"))
+  assert cli.main(["convert-weights", "--source", "keras", "--input",
+                   str(text), "--output", str(tmp_path / "o.npz")]) == 2
+
+
+def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
+                                                  caplog):
+  import jax
+  import jax.numpy as jnp
+  _, paths = keras_files
+  out = str(tmp_path / "imagenet.npz")
+  weights.convert("keras", paths["legacy"], out)
+  model = InceptionV3(num_classes=15)
+  init = model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+  with caplog.at_level(logging.INFO, logger="cxr_jax.weights"):
+    merged = weights.merge_pretrained(init, weights.load_pretrained(out),
+                                      dont_load=[r"^params/head/"])
+  np.testing.assert_array_equal(merged["params"]["head"]["kernel"],
+                                init["params"]["head"]["kernel"])
+  pretrained = weights.load_pretrained(out)
+  np.testing.assert_array_equal(
+      merged["params"]["Mixed_7c"]["branch_pool"]["conv"]["kernel"],
+      pretrained["params"]["Mixed_7c"]["branch_pool"]["conv"]["kernel"])
+  np.testing.assert_array_equal(
+      merged["batch_stats"]["Mixed_5b"]["branch1x1"]["bn"]["var"],
+      pretrained["batch_stats"]["Mixed_5b"]["branch1x1"]["bn"]["var"])
+  text = caplog.text
+  assert "kept at init (dont_load): params/head/kernel (2048, 15)" in text
+  assert "kept at init (dont_load): params/head/bias (15,)" in text
+  model.apply(merged, np.zeros((1, 75, 75, 3), np.float32))
+
+  with pytest.raises(weights.ConversionError,
+                     match=r"params/head/kernel: model shape \(2048, 15\) != "
+                           r"file shape \(2048, 1000\)"):
+    weights.merge_pretrained(init, weights.load_pretrained(out))
+  aux = InceptionV3(num_classes=15, aux_logits=True)
+  aux_init = jax.eval_shape(lambda: aux.init(jax.random.key(0),
+                                             jnp.zeros((1, 299, 299, 3))))
+  with pytest.raises(weights.ConversionError,
+                     match="params/AuxLogits/conv0/conv/kernel.*missing"):
+    weights.merge_pretrained(aux_init, weights.load_pretrained(out),
+                             dont_load=[r"^params/head/"])
+
+
+def test_cli_writes_a_loadable_file(keras_files, tmp_path, capsys):
+  _, paths = keras_files
+  out = str(tmp_path / "cli.npz")
+  assert cli.main(["convert-weights", "--source", "keras", "--input",
+                   paths["keras3"], "--output", out]) == 0
+  assert "wrote" in capsys.readouterr().out
+  assert weights.read_metadata(out)["source"] == "keras"
+  assert weights.model_kwargs(out) == {"pool_include_padding": False}
+  with pytest.raises(weights.ConversionError, match="not a converted"):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("x")
+    weights.load_pretrained(str(bad))
+
+
+# ---------------------------------------------------------------- torchvision
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory):
+  torch = pytest.importorskip("torch")
+  import torchvision_reference as ref
+  sd = ref.random_state_dict(seed=5)
+  path = str(tmp_path_factory.mktemp("tv") / "inception_v3.pth")
+  torch.save(sd, path)
+  return sd, path
+
+
+def test_reference_state_dict_has_torchvisions_parameter_count(
+    torchvision_file):
+  import torchvision_reference as ref
+  sd, _ = torchvision_file
+  assert ref.num_trainable(sd) == ref.TORCHVISION_NUM_PARAMS
+
+
+@pytest.mark.parametrize("transform_input", [True, False])
+def test_torchvision_parity(torchvision_file, transform_input, tmp_path):
+  import torch
+  import torchvision_reference as ref
+  sd, path = torchvision_file
+  out = str(tmp_path / "tv.npz")
+  weights.convert("torchvision", path, out, transform_input=transform_input)
+  variables = weights.load_pretrained(out)
+  kwargs = weights.model_kwargs(out)
+  assert kwargs == {"pool_include_padding": True}
+  rng = np.random.default_rng(1)
+  x = rng.uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
+  x_torch = ref.imagenet_normalize((torch.from_numpy(x).permute(0, 3, 1, 2)
+                                    + 1) / 2)
+  t_logits, t_map = ref.forward(sd, x_torch, transform_input)
+  t_aux = ref.aux_forward(sd, x_torch, transform_input)
+  model = InceptionV3(num_classes=1000, aux_logits=True, **kwargs)
+  logits, feats = model.apply(variables, x, return_features=True)
+  errs = {
+      "logits": parity.relative_error(logits, t_logits.numpy()),
+      FEATURE_MAP: parity.relative_error(
+          feats[FEATURE_MAP], t_map.permute(0, 2, 3, 1).numpy()),
+      "aux_logits": parity.relative_error(feats["aux_logits"],
+                                          t_aux.numpy()),
+  }
+  print(f"torchvision transform_input={transform_input}: {errs}")
+  assert max(errs.values()) <= TOLERANCE
+  # Keras-style pools would compute something else: the flag matters.
+  keras_style = InceptionV3(num_classes=1000, aux_logits=True).apply(
+      variables, x)
+  assert parity.relative_error(keras_style, t_logits.numpy()) > 1e-3
+
+
+def test_torchvision_errors(tmp_path):
+  torch = pytest.importorskip("torch")
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"\x00" * 100)
+  with pytest.raises(weights.ConversionError, match="bad.pth"):
+    weights.convert_torchvision(str(bad))
+  partial = tmp_path / "partial.pth"
+  torch.save({"fc.weight": torch.zeros(1000, 2048)}, partial)
+  with pytest.raises(weights.ConversionError,
+                     match="missing torchvision key 'Conv2d_1a_3x3.conv.weight'"):
+    weights.convert_torchvision(str(partial))
