@@ -63,8 +63,11 @@ def main():
   variables = jax.device_put(variables)
   xd = jax.device_put(x)
   flax_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  trainable = [v.value for v in kmodel.trainable_variables]
-  non_trainable = [v.value for v in kmodel.non_trainable_variables]
+  # Copies: predict_on_batch swaps the variables' buffers under our feet.
+  trainable = [jax.device_put(np.asarray(v.value))
+               for v in kmodel.trainable_variables]
+  non_trainable = [jax.device_put(np.asarray(v.value))
+                   for v in kmodel.non_trainable_variables]
   stateless = jax.jit(lambda t, n, x: kmodel.stateless_call(
       t, n, x, training=False)[0])
   t = _time_interleaved({
