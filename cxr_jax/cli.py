@@ -29,6 +29,45 @@ def _parity_check(args) -> int:
   return 0 if ok else 1
 
 
+def _synth(args) -> int:
+  from cxr_jax.data import synthetic
+  summary = synthetic.synthesize(args.out, args.num_images, args.image_size,
+                                 args.seed, rgba_fraction=args.rgba_fraction)
+  print(f"wrote a synthetic ChestX-ray14 to {args.out}: {json.dumps(summary)}")
+  return 0
+
+
+def _prepare(args) -> int:
+  from cxr_jax.data import tfds_builder
+  summary = tfds_builder.prepare(args.data_dir, args.out, args.image_size,
+                                 allow_missing=args.allow_missing,
+                                 workers=args.workers,
+                                 png_compression=args.png_compression)
+  print(f"prepared {summary['images']} images at {summary['image_size']}px "
+        f"in {summary['dir']}")
+  if summary["missing_skipped"]:
+    print(f"  skipped {summary['missing_skipped']} of {summary['listed']} "
+          f"listed images that are not on disk (--allow_missing); the count "
+          f"is in the dataset's metadata.json")
+  if summary["unlisted_on_disk"]:
+    print(f"  {summary['unlisted_on_disk']} images on disk are not in the "
+          f"CSV and were not included")
+  return 0
+
+
+def _splits(args) -> int:
+  from cxr_jax.data import splits
+  summary = splits.run(args.data_dir, args.scheme, args.seed, args.out,
+                       view=args.view)
+  for name in splits.SPLITS:
+    s = summary[name]
+    print(f"{name:5s} {s['images']:7d} images {s['patients']:6d} patients")
+  print(f"patients in more than one split: "
+        f"{summary['patients_in_more_than_one_split']}")
+  print(f"wrote train.txt, val.txt, test.txt and summary.json to {args.out}")
+  return 0
+
+
 def _bool(text: str) -> bool:
   if text.lower() in ("1", "true", "yes"):
     return True
@@ -66,6 +105,42 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--tolerance", type=float, default=1e-4)
   p.set_defaults(run=_parity_check)
+
+  p = sub.add_parser("synth", help="write a synthetic ChestX-ray14 in the "
+                     "official layout, with planted findings and boxes")
+  p.add_argument("--out", required=True)
+  p.add_argument("--num_images", type=int, default=2000)
+  p.add_argument("--image_size", type=int, default=256)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--rgba_fraction", type=float, default=0.01)
+  p.set_defaults(run=_synth)
+
+  p = sub.add_parser("prepare", help="decode, gray, resize and write an NIH "
+                     "folder as a TFDS ArrayRecord dataset")
+  p.add_argument("--data_dir", required=True,
+                 help="the NIH folder: CSVs, lists and images/")
+  p.add_argument("--out", required=True, help="the prepared dataset's folder")
+  p.add_argument("--image_size", type=int, default=299)
+  p.add_argument("--allow_missing", action="store_true",
+                 help="build from the listed images present; count the rest")
+  p.add_argument("--workers", type=int, default=None,
+                 help="decoding processes (default: all cores)")
+  p.add_argument("--png_compression", type=int, default=0, choices=range(10),
+                 help="zlib level of the stored PNGs: 0 (default) is twice "
+                      "the disk of 1 and half its decoding time")
+  p.set_defaults(run=_prepare)
+
+  p = sub.add_parser("splits", help="write train/val/test name lists")
+  p.add_argument("--data_dir", required=True,
+                 help="the NIH folder or a prepared dataset")
+  p.add_argument("--scheme", required=True,
+                 choices=("paper", "patient", "official"))
+  p.add_argument("--seed", type=int, default=0,
+                 help="the trial (Table 3's six trials are seeds 0-5)")
+  p.add_argument("--out", required=True)
+  p.add_argument("--view", choices=("PA", "AP"), default=None,
+                 help="keep only one view position (default: both)")
+  p.set_defaults(run=_splits)
   return parser
 
 
@@ -74,10 +149,13 @@ def main(argv=None) -> int:
   logging.basicConfig(
       level=logging.INFO if args.verbose else logging.WARNING,
       format="%(levelname)s %(name)s: %(message)s")
+  from cxr_jax.data.metadata import MetadataError
+  from cxr_jax.data.tfds_builder import PrepareError
   from cxr_jax.weights import ConversionError
   try:
     return args.run(args)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ConversionError, MetadataError, PrepareError, FileNotFoundError,
+          KeyError) as e:
     print(f"cxr-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

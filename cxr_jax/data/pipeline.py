@@ -1,0 +1,209 @@
+"""The input pipeline: a prepared dataset through TFDS `as_data_source` and
+Grain, with no TensorFlow.
+
+* A split is a list of image names, mapped to record indices of the one
+  prepared dataset (`PreparedDataset.indices`).
+* Training order: shuffle with `seed`, reshuffled each epoch
+  (`MapDataset.shuffle(seed).repeat()`), so the same seed gives the same
+  batches on any machine.
+* Per-process share: process p of P takes elements p, p+P, p+2P, ... of the
+  global order and batches them by global_batch / P. Its local batch b is then
+  exactly its share of global batch b, so each process decodes only its own
+  images and the P local batches together are the global batch.
+* Pixels leave the host as uint8 with one channel (4x less to transfer than
+  float32, 12x less than 3-channel float32); `to_model_input` scales them to
+  [-1, 1] and makes 3 channels on the device, inside the jitted step
+  (benchmarks/data.py measures both placements).
+* Optional augmentation (off by default, as in the paper): horizontal flip and
+  a small random crop/rescale, seeded per element by Grain.
+* The iterator's state (`get_state`/`set_state`) is a small dict saved with
+  each checkpoint, so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from cxr_jax import labels as L
+
+Batch = dict[str, np.ndarray]
+
+
+def find_prepared(data_dir: str, image_size: int | None = None) -> str:
+  """The versioned TFDS folder of a prepared dataset under `data_dir`."""
+  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    return data_dir
+  pattern = os.path.join(data_dir, "chestxray14",
+                         f"{image_size}px" if image_size else "*px", "*")
+  found = sorted(p for p in glob.glob(pattern)
+                 if os.path.exists(os.path.join(p, "dataset_info.json")))
+  if not found:
+    raise FileNotFoundError(
+        f"no prepared ChestX-ray14 dataset"
+        f"{f' at {image_size}px' if image_size else ''} under {data_dir}; "
+        f"run `cxr-jax prepare --data_dir NIH_DIR --out {data_dir}`")
+  if len(found) > 1 and image_size is None:
+    raise ValueError(f"{data_dir} holds several prepared sizes "
+                     f"({', '.join(found)}); set image_size")
+  return found[-1]
+
+
+class PreparedDataset:
+  """Random access to the records of a prepared dataset."""
+
+  def __init__(self, data_dir: str, image_size: int | None = None):
+    import tensorflow_datasets as tfds
+    self.path = find_prepared(data_dir, image_size)
+    self.builder = tfds.builder_from_directory(self.path)
+    self.source = self.builder.as_data_source("images")
+    md = self.builder.info.metadata or {}
+    self.names: list[str] = list(md.get("names", []))
+    if len(self.names) != len(self.source):
+      raise ValueError(f"{self.path}: metadata lists {len(self.names)} names "
+                       f"for {len(self.source)} records")
+    self.image_size = int(md.get("image_size",
+                                 self.builder.info.features["image"].shape[0]))
+    self.metadata = dict(md)
+    self._index = {n: i for i, n in enumerate(self.names)}
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def indices(self, names: Sequence[str], what: str = "split") -> np.ndarray:
+    """Record indices of `names`; names absent from the dataset are an error
+    that counts them (a split over images that were never prepared)."""
+    missing = [n for n in names if n not in self._index]
+    if missing:
+      raise KeyError(f"{len(missing)} of {len(names)} images of the {what} are "
+                     f"not in the prepared dataset {self.path} (first: "
+                     f"{', '.join(missing[:5])})")
+    return np.array([self._index[n] for n in names], np.int64)
+
+  def record(self, index: int) -> dict[str, Any]:
+    return self.source[int(index)]
+
+
+def labels_with_normal(record) -> np.ndarray:
+  """The 15 training targets: 14 diseases, then the "normal" flag."""
+  return np.concatenate([record["labels"].astype(np.float32),
+                         np.array([float(record["normal"])], np.float32)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Random horizontal flip and crop/rescale (both off by default)."""
+
+  flip: bool = False
+  min_crop: float = 1.0  # side of the random crop, fraction of the image
+
+  @property
+  def active(self) -> bool:
+    return self.flip or self.min_crop < 1.0
+
+  def __call__(self, element, rng: np.random.Generator):
+    image = element["image"]
+    if self.min_crop < 1.0:
+      from PIL import Image
+      size = image.shape[0]
+      side = int(round(size * rng.uniform(self.min_crop, 1.0)))
+      y, x = rng.integers(0, size - side + 1, 2)
+      crop = Image.fromarray(image[y:y + side, x:x + side, 0])
+      image = np.asarray(crop.resize((size, size),
+                                     Image.Resampling.BILINEAR))[..., None]
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {**element, "image": np.ascontiguousarray(image)}
+
+
+class _Load:
+  """Record index -> {'image' uint8 [S,S,1], 'labels' [15], 'mask', 'index'}.
+
+  Index -1 is padding (evaluation's last batch): zeros with mask 0.
+  """
+
+  def __init__(self, dataset: PreparedDataset):
+    self.dataset = dataset
+    self.size = dataset.image_size
+
+  def __call__(self, index):
+    index = int(index)
+    if index < 0:
+      return {"image": np.zeros((self.size, self.size, 1), np.uint8),
+              "labels": np.zeros(L.NUM_OUTPUTS, np.float32),
+              "mask": np.float32(0), "index": np.int64(-1)}
+    r = self.dataset.record(index)
+    return {"image": np.asarray(r["image"], np.uint8),
+            "labels": labels_with_normal(r), "mask": np.float32(1),
+            "index": np.int64(index)}
+
+
+def _process_share(global_batch: int, process_index: int | None,
+                   process_count: int | None) -> tuple[int, int, int]:
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by "
+                     f"{process_count} processes")
+  return process_index, process_count, global_batch // process_count
+
+
+def _read_options(threads: int):
+  import grain
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=
+                           max(2 * threads, 8))
+
+
+def train_dataset(dataset: PreparedDataset, names: Sequence[str],
+                  global_batch: int, seed: int, augment: Augment = Augment(),
+                  process_index: int | None = None,
+                  process_count: int | None = None, threads: int = 4):
+  """An endless, seeded IterDataset of this process's local batches."""
+  import grain
+  p, count, local = _process_share(global_batch, process_index, process_count)
+  ds = grain.MapDataset.source(dataset.indices(names, "training split"))
+  ds = ds.shuffle(seed=seed).repeat()  # reshuffled each epoch
+  ds = ds.slice(slice(p, None, count))
+  ds = ds.map(_Load(dataset))
+  if augment.active:
+    ds = ds.random_map(augment, seed=seed + 1)
+  ds = ds.batch(local, drop_remainder=True)
+  return ds.to_iter_dataset(_read_options(threads))
+
+
+def eval_batches(dataset: PreparedDataset, names: Sequence[str],
+                 global_batch: int, process_index: int | None = None,
+                 process_count: int | None = None, threads: int = 4
+                 ) -> Iterator[Batch]:
+  """One ordered pass; the last global batch is padded (mask 0). Every process
+  yields the same number of local batches."""
+  import grain
+  p, count, local = _process_share(global_batch, process_index, process_count)
+  idx = dataset.indices(names, "evaluation split")
+  pad = (-len(idx)) % global_batch
+  idx = np.concatenate([idx, -np.ones(pad, np.int64)])
+  ds = grain.MapDataset.source(idx).slice(slice(p, None, count))
+  ds = ds.map(_Load(dataset)).batch(local, drop_remainder=True)
+  return iter(ds.to_iter_dataset(_read_options(threads)))
+
+
+def to_model_input(images):
+  """uint8 [B, H, W, 1] -> float32 [B, H, W, 3] in [-1, 1] (jit-friendly).
+
+  Runs on the device inside the jitted step: the paper scales pixels to
+  [-1, 1] and repeats the gray channel for the ImageNet-shaped first conv.
+  """
+  import jax.numpy as jnp
+  x = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+  return jnp.broadcast_to(x, x.shape[:-1] + (3,))
+
+
+def to_model_input_host(images: np.ndarray) -> np.ndarray:
+  """The same on the host, for comparison (benchmarks/data.py)."""
+  x = images.astype(np.float32) * (2.0 / 255.0) - 1.0
+  return np.repeat(x, 3, axis=-1)

@@ -1,0 +1,366 @@
+"""ChestX-ray14 metadata, splits, the synthetic twin, prepare and the pipeline."""
+
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_jax import cli
+from cxr_jax import labels as L
+from cxr_jax.data import metadata as M
+from cxr_jax.data import pipeline, splits, synthetic, tfds_builder
+
+REAL_COUNTS = {  # the sample README, read from the real CSV
+    "Infiltration": 19894, "Effusion": 13317, "Atelectasis": 11559,
+    "Nodule": 6331, "Mass": 5782, "Pneumothorax": 5302, "Consolidation": 4667,
+    "Pleural Thickening": 3385, "Cardiomegaly": 2776, "Emphysema": 2516,
+    "Edema": 2303, "Fibrosis": 1686, "Pneumonia": 1431, "Hernia": 227,
+    "No Finding": 60361}
+
+
+# ------------------------------------------------------------ real metadata
+
+def test_real_metadata_counts(nih_sample):
+  meta = M.read_all(str(nih_sample))
+  e = meta.entries
+  assert len(e) == 112_120
+  assert e.label_counts() == REAL_COUNTS
+  assert len(np.unique(e.patient_id)) == 30_805
+  assert (e.view == "PA").sum() == 67_310 and (e.view == "AP").sum() == 44_810
+  assert not (e.normal & (e.labels.sum(1) > 0)).any()
+  assert len(meta.boxes) == 984 and len(set(meta.boxes.names)) == 880
+  # 'Infiltrate' in the box list is Infiltration
+  assert (meta.boxes.label == L.index("Infiltration")).sum() > 0
+  assert len(meta.train_val) == 86_524 and len(meta.test) == 25_596
+  assert set(meta.boxes.names) <= set(meta.test)
+
+
+def test_2017_layout_plain_and_gzipped(tmp_path):
+  text = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
+          "Patient Gender,View Position,OriginalImage[Width,Height],"
+          "OriginalImagePixelSpacing[x,y],\n"
+          "00000001_000.png,Cardiomegaly|Pleural_Thickening,0,1,058Y,M,PA,"
+          "2682,2749,0.143,0.143,\n"
+          "00000002_000.png,No Finding,0,2,006M,F,AP,2500,2048,0.168,0.168,\n")
+  plain = tmp_path / "Data_Entry_2017.csv"
+  plain.write_text(text)
+  gz = tmp_path / "gz" / "Data_Entry_2017.csv.gz"
+  gz.parent.mkdir()
+  gz.write_bytes(gzip.compress(text.encode()))
+  for path in (plain, gz):
+    e = M.read_data_entry(str(path))
+    assert list(e.names) == ["00000001_000.png", "00000002_000.png"]
+    assert e.labels[0, L.index("Cardiomegaly")] == 1
+    assert e.labels[0, L.index("Pleural Thickening")] == 1
+    assert e.labels[0].sum() == 2 and e.normal.tolist() == [False, True]
+    assert e.age[0] == 58 and e.age[1] == pytest.approx(0.5)
+    assert e.original_size.tolist() == [[2682, 2749], [2500, 2048]]
+  bad = tmp_path / "bad.csv"
+  bad.write_text(text.replace("Cardiomegaly|", "Pneumonitis|"))
+  with pytest.raises(M.MetadataError, match=r"bad.csv:2.*Pneumonitis"):
+    M.read_data_entry(str(bad))
+  box = tmp_path / "BBox_List_2017.csv"
+  box.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                 "00000001_000.png,Infiltrate,1.5,2,3,4\n")
+  b = M.read_bbox_list(str(box))
+  assert b.label.tolist() == [L.index("Infiltration")]
+  assert b.xywh.tolist() == [[1.5, 2, 3, 4]]
+
+
+# ------------------------------------------------------------------- splits
+
+def test_splits_on_real_metadata(nih_sample, tmp_path):
+  meta = M.read_all(str(nih_sample))
+  paper = splits.make_splits(meta, "paper", 0)
+  n = len(meta.entries)
+  assert [len(paper.train), len(paper.val), len(paper.test)] == [
+      round(0.7 * n), round(0.1 * n), n - round(0.7 * n) - round(0.1 * n)]
+  summary = splits.summarize(meta.entries, paper)
+  assert summary["patients_in_more_than_one_split"] > 1000  # reported leakage
+  patient = splits.make_splits(meta, "patient", 0)
+  assert splits.summarize(meta.entries,
+                          patient)["patients_in_more_than_one_split"] == 0
+  official = splits.make_splits(meta, "official", 0)
+  assert sorted(official.test) == sorted(meta.test)
+  assert splits.summarize(meta.entries,
+                          official)["patients_in_more_than_one_split"] == 0
+  assert len(official.train) + len(official.val) == len(meta.train_val)
+  pa = splits.make_splits(meta, "patient", 0, view="PA")
+  assert sum(map(len, pa.as_dict().values())) == 67_310
+  assert splits.make_splits(meta, "paper", 1).train != paper.train
+
+
+def test_split_files_are_byte_identical_for_the_same_seed(nih_sample,
+                                                          tmp_path):
+  for out in ("a", "b"):
+    assert cli.main(["splits", "--data_dir", str(nih_sample), "--scheme",
+                     "paper", "--seed", "3", "--out",
+                     str(tmp_path / out)]) == 0
+  for f in ("train.txt", "val.txt", "test.txt", "summary.json"):
+    assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" /
+                                                 f).read_bytes()
+  summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+  assert summary["scheme"] == "paper" and summary["seed"] == 3
+  assert set(summary["train"]["positives"]) == set(L.DISEASES)
+
+
+# ---------------------------------------------------------------- synthetic
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synth")
+  summary = synthetic.synthesize(str(out), num_images=300, image_size=96,
+                                 seed=1, rgba_fraction=0.05, workers=2)
+  return out, summary
+
+
+def test_synthetic_layout_and_quirks(synth):
+  out, summary = synth
+  header = (out / "Data_Entry_2017.csv").read_text().splitlines()[0]
+  assert "OriginalImage[Width,Height]" in header and header.endswith(",")
+  assert (out / "BBox_List_2017.csv").read_text().startswith(
+      "Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+  meta = M.read_all(str(out))
+  assert len(meta.entries) == 300
+  counts = meta.entries.label_counts()
+  assert 0.35 < counts["No Finding"] / 300 < 0.65
+  assert "Pleural_Thickening" in (out / "Data_Entry_2017.csv").read_text()
+  modes = {Image.open(p).mode for p in (out / "images").iterdir()}
+  assert modes == {"L", "RGBA"}
+  assert set(meta.boxes.names) <= set(meta.test)
+  tv_patients = set(meta.entries.patient_id[np.isin(meta.entries.names,
+                                                    meta.train_val)])
+  test_patients = set(meta.entries.patient_id[np.isin(meta.entries.names,
+                                                      meta.test)])
+  assert not tv_patients & test_patients
+  p = synthetic.prevalences()
+  assert np.argmin(p) == L.index("Hernia")
+
+
+def test_synthetic_boxes_enclose_the_planted_pattern():
+  vector = np.zeros(L.NUM_DISEASES, np.uint8)
+  vector[L.index("Mass")] = 1
+  with_mass, boxes = synthetic.render(7, vector, 128)
+  without, _ = synthetic.render(7, np.zeros_like(vector), 128)
+  (label, (x, y, w, h)), = boxes
+  assert label == L.index("Mass")
+  diff = np.abs(with_mass.astype(int) - without.astype(int))
+  inside = diff[int(y):int(y + h), int(x):int(x + w)].sum()
+  assert inside / diff.sum() > 0.9
+
+
+# ------------------------------------------------------------------ prepare
+
+@pytest.fixture(scope="module")
+def prepared(synth, tmp_path_factory):
+  out, _ = synth
+  target = tmp_path_factory.mktemp("prepared")
+  summary = tfds_builder.prepare(str(out), str(target), image_size=80,
+                                 workers=2)
+  return str(target), summary
+
+
+def test_prepare_synthetic(prepared, synth):
+  target, summary = prepared
+  assert summary["images"] == 300 and summary["missing_skipped"] == 0
+  ds = pipeline.PreparedDataset(target)
+  meta = M.read_all(target)  # the copies in nih_metadata/
+  i = ds.names.index(meta.boxes.names[0])
+  rec = ds.record(i)
+  assert rec["name"].decode() == meta.boxes.names[0]
+  assert rec["image"].shape == (80, 80, 1)
+  row = meta.entries.index[ds.names[i]]
+  np.testing.assert_array_equal(rec["labels"], meta.entries.labels[row])
+  assert len(rec["boxes"]["label"]) >= 1
+  assert tuple(rec["source_size"]) == (96, 96)
+
+
+def test_prepare_real_sample_with_allow_missing(nih_sample, tmp_path):
+  target = str(tmp_path / "real")
+  with pytest.raises(tfds_builder.PrepareError,
+                     match=r"112080 of 112120 images .* not on disk"):
+    tfds_builder.prepare(str(nih_sample), target, image_size=96, workers=2)
+  summary = tfds_builder.prepare(str(nih_sample), target, image_size=96,
+                                 allow_missing=True, workers=2)
+  assert summary["images"] == 40 and summary["missing_skipped"] == 112_080
+  ds = pipeline.PreparedDataset(target)
+  assert ds.metadata["num_missing_skipped"] == 112_080
+  for name in ("00000100_000.png", "00000574_000.png"):  # RGBA and L
+    stored = ds.record(ds.names.index(name))["image"][..., 0].astype(float)
+    reference = np.asarray(
+        Image.open(nih_sample / "images" / name).convert("L").resize(
+            (96, 96), Image.Resampling.LANCZOS), float)
+    assert np.abs(stored - reference).mean() < 2.0, name
+  boxed = [n for n in ds.names if len(ds.record(ds.names.index(n))[
+      "boxes"]["label"])]
+  assert len(boxed) == 4  # the sample README: four have boxes
+
+
+def _mini_nih(tmp_path, images: dict):
+  """An NIH folder whose CSV lists the given images (name -> PIL image)."""
+  (tmp_path / "images").mkdir(parents=True)
+  rows = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
+          "Patient Gender,View Position,OriginalImage[Width,Height],"
+          "OriginalImagePixelSpacing[x,y]"]
+  for i, (name, im) in enumerate(sorted(images.items())):
+    if im is not None:
+      im.save(tmp_path / "images" / name)
+    rows.append(f"{name},Mass,0,{i + 1},40,M,PA,100,100,0.1,0.1")
+  (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join(rows) + "\n")
+  return tmp_path
+
+
+def test_prepare_handles_every_png_mode(tmp_path):
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 256, (64, 64)).astype(np.uint8)
+  images = {
+      "a_l.png": Image.fromarray(gray, "L"),
+      "b_rgb.png": Image.fromarray(np.stack([gray] * 3, -1), "RGB"),
+      "c_rgba.png": Image.merge("RGBA", [Image.fromarray(gray)] * 3 +
+                                [Image.new("L", (64, 64), 255)]),
+      "d_16bit.png": Image.fromarray(gray.astype(np.uint16) * 16),
+      "e_palette.png": Image.fromarray(gray, "L").convert("P"),
+  }
+  nih = _mini_nih(tmp_path / "nih", images)
+  out = str(tmp_path / "out")
+  tfds_builder.prepare(str(nih), out, image_size=64, workers=1)
+  ds = pipeline.PreparedDataset(out)
+  for name in images:
+    img = ds.record(ds.names.index(name))["image"][..., 0].astype(int)
+    tol = 1 if name != "d_16bit.png" else 2  # 16-bit is stretched min..max
+    expected = gray.astype(int)
+    if name == "d_16bit.png":
+      lo, hi = gray.min(), gray.max()
+      expected = np.round((gray - lo) / (hi - lo) * 255).astype(int)
+    assert np.abs(img - expected).max() <= tol, name
+
+
+def test_prepare_names_bad_files(tmp_path):
+  gray = Image.fromarray(np.zeros((32, 32), np.uint8))
+  nih = _mini_nih(tmp_path / "nih", {"a.png": gray, "b.png": gray})
+  (nih / "images" / "b.png").write_bytes(
+      (nih / "images" / "b.png").read_bytes()[:40])
+  with pytest.raises(tfds_builder.PrepareError, match=r"b\.png"):
+    tfds_builder.prepare(str(nih), str(tmp_path / "out"), image_size=32,
+                         workers=1)
+  nih2 = _mini_nih(tmp_path / "nih2", {"a.png": gray})
+  gray.save(nih2 / "images" / "stray.png")
+  summary = tfds_builder.prepare(str(nih2), str(tmp_path / "out2"),
+                                 image_size=32, workers=1)
+  assert summary["unlisted_on_disk"] == 1 and summary["images"] == 1
+  ds = pipeline.PreparedDataset(str(tmp_path / "out2"))
+  assert ds.metadata["unlisted_examples"] == ["stray.png"]
+
+
+def test_prepare_finds_images_in_numbered_subfolders(tmp_path):
+  gray = Image.fromarray(np.full((32, 32), 7, np.uint8))
+  nih = _mini_nih(tmp_path / "nih", {"a.png": gray, "b.png": None})
+  sub = nih / "images_002" / "images"
+  sub.mkdir(parents=True)
+  gray.save(sub / "b.png")
+  assert set(tfds_builder.find_images(str(nih))) == {"a.png", "b.png"}
+
+
+# ----------------------------------------------------------------- pipeline
+
+def _first_batches(ds, names, seed, n=3, **kw):
+  it = iter(pipeline.train_dataset(ds, names, 8, seed, process_index=0,
+                                   process_count=1, **kw))
+  return [next(it) for _ in range(n)]
+
+
+def test_pipeline_is_deterministic_and_resumable(prepared):
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  names = ds.names[:50]
+  a = _first_batches(ds, names, seed=4)
+  b = _first_batches(ds, names, seed=4)
+  c = _first_batches(ds, names, seed=5)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert not all(np.array_equal(x["index"], y["index"]) for x, y in zip(a, c))
+  # epochs reshuffle: 50 images, batches of 8 -> the 7th batch is epoch 2
+  it = iter(pipeline.train_dataset(ds, names, 10, 4, process_index=0,
+                                   process_count=1))
+  epoch1 = np.concatenate([next(it)["index"] for _ in range(5)])
+  epoch2 = np.concatenate([next(it)["index"] for _ in range(5)])
+  assert sorted(epoch1) == sorted(epoch2) and not np.array_equal(epoch1,
+                                                                 epoch2)
+  state = it.get_state()
+  after = next(it)
+  resumed = iter(pipeline.train_dataset(ds, names, 10, 4, process_index=0,
+                                        process_count=1))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["index"], after["index"])
+  x = a[0]
+  assert x["image"].dtype == np.uint8 and x["labels"].shape == (8, 15)
+  rec = ds.record(int(x["index"][0]))
+  assert x["labels"][0, L.NORMAL_INDEX] == float(rec["normal"])
+
+
+def test_process_shares_make_the_global_batch(prepared):
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  whole = iter(pipeline.train_dataset(ds, ds.names, 8, 0, process_index=0,
+                                      process_count=1))
+  shares = [iter(pipeline.train_dataset(ds, ds.names, 8, 0, process_index=p,
+                                        process_count=2)) for p in range(2)]
+  for _ in range(3):
+    g = next(whole)["index"]
+    local = [next(s)["index"] for s in shares]
+    assert all(len(x) == 4 for x in local)
+    assert sorted(np.concatenate(local)) == sorted(g)
+
+
+def test_eval_batches_pad_and_cover_once(prepared):
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  names = ds.names[:21]
+  batches = list(pipeline.eval_batches(ds, names, 8, 0, 1))
+  assert len(batches) == 3
+  seen = np.concatenate([b["index"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(seen, ds.indices(names))
+  with pytest.raises(KeyError, match="1 of 2 images"):
+    ds.indices([ds.names[0], "nope.png"])
+
+
+def test_augmentation_is_seeded_and_keeps_shape(prepared):
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  aug = pipeline.Augment(flip=True, min_crop=0.85)
+  a = _first_batches(ds, ds.names, 2, n=1, augment=aug)[0]
+  b = _first_batches(ds, ds.names, 2, n=1, augment=aug)[0]
+  plain = _first_batches(ds, ds.names, 2, n=1)[0]
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert a["image"].shape == plain["image"].shape
+  assert not np.array_equal(a["image"], plain["image"])
+
+
+def test_model_input_is_three_channels_in_minus_one_one():
+  import jax.numpy as jnp
+  x = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1)
+  dev = np.asarray(pipeline.to_model_input(jnp.asarray(x)))
+  host = pipeline.to_model_input_host(x)
+  assert dev.shape == (1, 1, 3, 3)
+  np.testing.assert_allclose(dev[0, 0, :, 0], [-1, 128 / 127.5 - 1, 1],
+                             atol=1e-6)
+  np.testing.assert_allclose(dev, host, atol=1e-6)
+
+
+def test_cli_synth_and_prepare(tmp_path, capsys):
+  assert cli.main(["synth", "--out", str(tmp_path / "s"), "--num_images",
+                   "40", "--image_size", "80"]) == 0
+  assert cli.main(["prepare", "--data_dir", str(tmp_path / "s"), "--out",
+                   str(tmp_path / "p"), "--image_size", "75",
+                   "--workers", "1"]) == 0
+  assert cli.main(["splits", "--data_dir", str(tmp_path / "p"), "--scheme",
+                   "official", "--out", str(tmp_path / "sp")]) == 0
+  out = capsys.readouterr().out
+  assert "prepared 40 images at 75px" in out
+  assert (tmp_path / "sp" / "test.txt").exists()
+  assert cli.main(["prepare", "--data_dir", str(tmp_path / "nothing"),
+                   "--out", str(tmp_path / "p2")]) == 2
