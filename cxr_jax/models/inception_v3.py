@@ -52,7 +52,9 @@ class BasicConv(nn.Module):
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                      epsilon=BN_EPSILON, use_scale=False, dtype=self.dtype,
                      axis_name=self.bn_axis_name if train else None,
-                     name="bn")(x)
+                     # Two-pass variance: E[x^2] - E[x]^2 cancels badly,
+                     # and the rounding compounds through 94 layers.
+                     use_fast_variance=False, name="bn")(x)
     return nn.relu(x)
 
 
@@ -204,6 +206,7 @@ STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
     ("Conv2d_4a_3x3", 192, (3, 3), (1, 1), "VALID"),
 )
 MIN_INPUT_SIZE = 75
+LSE_R = 10.0
 FEATURE_MAP = "Mixed_7c"  # the last convolutional map, 2048 channels, for CAM
 
 
@@ -234,6 +237,9 @@ class InceptionV3(nn.Module):
   aux_logits: bool = False
   pool_include_padding: bool = False
   bn_axis_name: str | None = None
+  # Wang et al. 2017's transition layer (Table 2's CEL(tran.) row): a 1x1 conv
+  # to this many channels, BN, ReLU, then log-sum-exp pooling with LSE_R.
+  transition_channels: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -258,9 +264,19 @@ class InceptionV3(nn.Module):
             num_classes=self.num_classes, name="AuxLogits",
             pool_include_padding=self.pool_include_padding, **common)(x, train)
     features[FEATURE_MAP] = x
-    # Global average pooling, as Keras' avg_pool layer: the CAM of a class is
-    # then exactly the head's weights applied to the Mixed_7c map.
-    pooled = jnp.mean(x, axis=(1, 2))
+    if self.transition_channels:
+      x = BasicConv(self.transition_channels, (1, 1), name="transition",
+                    **common)(x, train)
+      features["transition"] = x
+      r = LSE_R
+      xf = x.astype(jnp.float32)
+      pooled = (jax.nn.logsumexp(r * xf, axis=(1, 2)) -
+                jnp.log(xf.shape[1] * xf.shape[2])) / r
+      pooled = pooled.astype(self.dtype)
+    else:
+      # Global average pooling, as Keras' avg_pool layer: the CAM of a class
+      # is then exactly the head's weights applied to the Mixed_7c map.
+      pooled = jnp.mean(x, axis=(1, 2))
     features["pooled"] = pooled
     pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)

@@ -1,0 +1,20 @@
+"""CW-CEL, Table 1.
+
+    cxr-jax train --config configs/table1_cwcel.py --workdir W \
+        --config.data_dir=DATA --config.init_weights=imagenet.npz
+
+Loss `cw_cel`, no auxiliary task, 9,000 steps; with transfer.
+The paper reports a mean AUC of 0.8075 over the 14 diseases.
+The paper's random 70/10/20 split (seed = trial), batch 16, Adadelta at
+lr 1e-5 (literal; see configs/default.py on how little that moves).
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.loss = "cw_cel"
+  c.aux_task = False
+  c.num_train_steps = 9000
+  return c

@@ -1,0 +1,21 @@
+"""CW-CEL(NT), Table 1.
+
+    cxr-jax train --config configs/table1_cwcel_nt.py --workdir W \
+        --config.data_dir=DATA
+
+Loss `cw_cel`, no auxiliary task, 23,000 steps; no transfer.
+The paper reports a mean AUC of 0.7315 over the 14 diseases.
+The paper's random 70/10/20 split (seed = trial), batch 16, Adadelta at
+lr 1e-5 (literal; see configs/default.py on how little that moves).
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.loss = "cw_cel"
+  c.aux_task = False
+  c.num_train_steps = 23000
+  c.transfer = False  # NT: trained from scratch
+  return c

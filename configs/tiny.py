@@ -1,0 +1,28 @@
+"""A tiny configuration that learns on CPU in seconds to minutes: the tests
+and the demo use it (synthetic data at small images, from scratch).
+
+    cxr-jax train --config configs/tiny.py --workdir W --config.data_dir=DATA
+
+Not a paper experiment. It keeps the paper's objective (CW-CEL with the
+auxiliary task) but trains from scratch with Adam at 1e-3 on 96-px images,
+because Adadelta at lr 1e-5 barely moves the weights (see default.py).
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.image_size = 96
+  c.transfer = False  # from scratch
+  c.split_scheme = "official"
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.batch_size = 16
+  c.num_train_steps = 200
+  c.eval_every_steps = 100
+  c.eval_batch_size = 32
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100
+  c.loader_threads = 2
+  return c
