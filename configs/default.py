@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_weights = ""        # a converted ImageNet file (cxr-jax convert-weights)
   c.transfer = True          # paper rows with transfer need init_weights; NT rows set False
   c.sync_batch_stats = True  # N devices normalise as one
+  c.bn_momentum = 0.99       # Keras'; running stats lag ~1/(1-m) steps
   # Objective
   c.loss = "cw_cel"          # a key of cxr_jax.losses.LOSSES
   c.loss_kwargs = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ def get_config():
   c = default.get_config()
   c.image_size = 96
   c.transfer = False  # from scratch
+  c.bn_momentum = 0.9  # a short run: inference statistics must keep up
   c.split_scheme = "official"
   c.optimizer = "adam"
   c.learning_rate = 1e-3

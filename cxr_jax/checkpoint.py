@@ -38,7 +38,10 @@ def manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
       create=not read_only)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-      item_names=("state", "data", "config"), options=options)
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler()},
+      options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any,
@@ -75,8 +78,15 @@ def restore(workdir: str, which: str = "best"
   step = step if step is not None else mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoints in {workdir}")
+  # The run may have used other devices than this process has: restore onto
+  # one local device, from the shapes the checkpoint records.
+  import jax
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      mgr.item_metadata(step)["state"])
   restored = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+      state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
   state = restored["state"]
   variables = {"params": state["params"],
                "batch_stats": state.get("batch_stats", {})}

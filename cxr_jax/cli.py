@@ -68,6 +68,68 @@ def _splits(args) -> int:
   return 0
 
 
+def _train(args, overrides) -> int:
+  # The run's first lines (config, devices, batch sizes, parameters, split
+  # sizes) are INFO records: show them whatever -v says.
+  logging.getLogger("cxr_jax").setLevel(logging.INFO)
+  from cxr_jax import parallel
+  parallel.initialize_distributed(args.coordinator_address,
+                                  args.num_processes, args.process_id,
+                                  auto=args.distributed_auto)
+  from cxr_jax import train
+  from cxr_jax.config import load_config
+  config = load_config(args.config, overrides)
+  import os
+  os.makedirs(args.workdir, exist_ok=True)
+  try:
+    summary = train.train_and_evaluate(config, args.workdir)
+  except train.NonFiniteLoss as e:
+    print(f"cxr-jax train: stopped: {e}", file=sys.stderr)
+    return 3
+  except train.Preempted as e:
+    print(f"cxr-jax train: {e}", file=sys.stderr)
+    return 143
+  print(json.dumps(summary))
+  return 0
+
+
+def _evaluate(args) -> int:
+  from cxr_jax import evaluation
+  result = evaluation.evaluate(args.workdir, args.which, args.split,
+                               data_dir=args.data_dir,
+                               num_resamples=args.bootstrap)
+  print(f"{args.split} split, {result['num_images']} images, checkpoint "
+        f"step {result['step']} ({args.which}):")
+  print(result["table"])
+  print(f"wrote auc.csv, predictions.csv, roc.png, metrics.json to "
+        f"{result['out_dir']}")
+  return 0
+
+
+def _localize(args) -> int:
+  from cxr_jax import localization
+  s = localization.localize(args.workdir, args.data_dir, args.which,
+                            args.threshold)
+  print(f"{s['boxes']} boxes, CAM threshold {s['threshold']}:")
+  print(f"{'class':20s} {'boxes':>5s} " + " ".join(
+      f"{m}@{t:<4}" for m in ("IoU", "IoBB") for t in localization.THRESHOLDS))
+  for cls, r in s["per_class"].items():
+    print(f"{cls:20s} {r['boxes']:5d} " + " ".join(
+        f"{r[f'{m}@{t}']:8.2f}" for m in ("iou", "iobb")
+        for t in localization.THRESHOLDS))
+  print(f"wrote localization.csv and overlays to {s['out_dir']}")
+  return 0
+
+
+def _demo(args) -> int:
+  logging.getLogger("cxr_jax").setLevel(logging.INFO)
+  from cxr_jax import demo
+  demo.run_demo(args.workdir, num_images=args.num_images,
+                image_size=args.image_size,
+                num_train_steps=args.num_train_steps)
+  return 0
+
+
 def _bool(text: str) -> bool:
   if text.lower() in ("1", "true", "yes"):
     return True
@@ -105,6 +167,48 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--tolerance", type=float, default=1e-4)
   p.set_defaults(run=_parity_check)
+
+  p = sub.add_parser("train", help="train a config; resumes from --workdir",
+                     description="Extra --config.KEY=VALUE flags override the "
+                                 "config file's fields.")
+  p.add_argument("--config", required=True, help="configs/<experiment>.py")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--coordinator_address", default=None,
+                 help="multi-host: host:port of process 0 (or "
+                      "CXR_JAX_COORDINATOR)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--distributed_auto", action="store_true",
+                 help="jax.distributed.initialize() with no arguments "
+                      "(SLURM, Cloud TPU)")
+  p.set_defaults(run=_train, takes_overrides=True)
+
+  p = sub.add_parser("evaluate", help="AUC table with CIs, predictions, ROC "
+                     "curves on a split of a trained run")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--which", choices=("best", "latest"), default="best")
+  p.add_argument("--split", default="test", choices=("train", "val", "test"))
+  p.add_argument("--data_dir", default=None,
+                 help="the prepared dataset (default: the run's)")
+  p.add_argument("--bootstrap", type=int, default=1000,
+                 help="bootstrap resamples for the 95%% CIs")
+  p.set_defaults(run=_evaluate)
+
+  p = sub.add_parser("localize", help="CAM boxes against the ground-truth "
+                     "boxes: IoU/IoBB accuracy per class, overlays")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--which", choices=("best", "latest"), default="best")
+  p.add_argument("--threshold", type=int, default=200)
+  p.set_defaults(run=_localize)
+
+  p = sub.add_parser("demo", help="synthesize, prepare, train, evaluate, "
+                     "localize and report, end to end on synthetic data")
+  p.add_argument("--workdir", default="demo_run")
+  p.add_argument("--num_images", type=int, default=2000)
+  p.add_argument("--image_size", type=int, default=139)
+  p.add_argument("--num_train_steps", type=int, default=500)
+  p.set_defaults(run=_demo)
 
   p = sub.add_parser("synth", help="write a synthetic ChestX-ray14 in the "
                      "official layout, with planted findings and boxes")
@@ -145,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  args, extra = build_parser().parse_known_args(argv)
+  overrides = [a for a in extra if a.startswith("--config.")]
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown or (overrides and not getattr(args, "takes_overrides", False)):
+    build_parser().error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
   logging.basicConfig(
       level=logging.INFO if args.verbose else logging.WARNING,
       format="%(levelname)s %(name)s: %(message)s")
@@ -153,6 +261,8 @@ def main(argv=None) -> int:
   from cxr_jax.data.tfds_builder import PrepareError
   from cxr_jax.weights import ConversionError
   try:
+    if getattr(args, "takes_overrides", False):
+      return args.run(args, overrides)
     return args.run(args)
   except (ConversionError, MetadataError, PrepareError, FileNotFoundError,
           KeyError) as e:

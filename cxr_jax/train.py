@@ -60,6 +60,7 @@ def build_model(config, axis_name: str | None = None) -> InceptionV3:
       num_classes=config.num_outputs, dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
       bn_axis_name=axis_name if config.sync_batch_stats else None,
+      bn_momentum=config.bn_momentum,
       transition_channels=(TRANSITION_CHANNELS
                            if config.model == "inception_v3_transition" else 0),
       **kwargs)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cxr_jax import checkpoint, train
+from cxr_jax import labels as L
 from cxr_jax.config import apply_overrides, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -160,3 +161,142 @@ def test_config_overrides_are_typed_and_checked():
     if path.name != "__init__.py":
       cfg = load_config(str(path))
       assert cfg.loss and cfg.num_train_steps > 0, path.name
+
+
+# ------------------------------------------------------- end to end (CLI)
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  from cxr_jax.data import synthetic, tfds_builder
+  root = tmp_path_factory.mktemp("tiny")
+  synthetic.synthesize(str(root / "nih"), num_images=160, image_size=96,
+                       seed=3, workers=2)
+  tfds_builder.prepare(str(root / "nih"), str(root / "prepared"),
+                       image_size=75, workers=2)
+  return str(root / "prepared")
+
+
+def _train_cmd(workdir, data, steps=12):
+  return [sys.executable, "-m", "cxr_jax.cli", "train", "--config",
+          str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir),
+          f"--config.data_dir={data}", "--config.image_size=75",
+          f"--config.num_train_steps={steps}", "--config.eval_every_steps=100",
+          "--config.checkpoint_every_steps=4", "--config.log_every_steps=4",
+          "--config.batch_size=8", "--config.loader_threads=1"]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["PYTHONPATH"] = str(ROOT)
+  return env
+
+
+def _final_params(workdir):
+  variables, config = checkpoint.restore(str(workdir), "latest")
+  return variables["params"], config.restored_step
+
+
+def _wait_for_checkpoint(workdir, proc, at_least=4, timeout=300):
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  start = time.time()
+  while time.time() - start < timeout:
+    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] \
+        if ckpt.exists() else []
+    if steps and max(steps) >= at_least:
+      return max(steps)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.2)
+  raise TimeoutError("no checkpoint appeared")
+
+
+def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
+                                                                 tmp_path):
+  env = _env()
+  ref_dir = tmp_path / "uninterrupted"
+  subprocess.run(_train_cmd(ref_dir, tiny_data), env=env, check=True,
+                 capture_output=True, timeout=600)
+  ref, ref_step = _final_params(ref_dir)
+  assert ref_step == 12
+
+  # One run, interrupted twice: SIGTERM after its first checkpoint (it must
+  # save the current step and exit 143), then SIGKILL after a later one.
+  run = tmp_path / "interrupted"
+  proc = subprocess.Popen(_train_cmd(run, tiny_data), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  _wait_for_checkpoint(run, proc, at_least=4)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  assert "SIGTERM: saved step" in err
+  saved = max(int(p.name) for p in (run / "checkpoints").iterdir()
+              if p.name.isdigit())
+  proc = subprocess.Popen(_train_cmd(run, tiny_data), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  _wait_for_checkpoint(run, proc, at_least=saved + 1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  subprocess.run(_train_cmd(run, tiny_data), env=env, check=True,
+                 capture_output=True, timeout=600)
+  header = json.loads((run / "run_header.json").read_text())
+  assert header["resumed_from_step"] > saved
+  params, step = _final_params(run)
+  assert step == 12
+  for a, b in zip(jax.tree_util.tree_leaves(params),
+                  jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Analysis on the finished run: restore on another topology (1 device
+  # here, 2 in training), evaluate and localize.
+  from cxr_jax import evaluation, localization
+  result = evaluation.evaluate(str(ref_dir), "latest", "test",
+                               num_resamples=50)
+  out = ref_dir / "eval" / "test"
+  for name in ("auc.csv", "predictions.csv", "roc.png", "metrics.json"):
+    assert (out / name).exists(), name
+  saved = json.loads((out / "metrics.json").read_text())
+  assert saved["num_images"] == result["num_images"] > 0
+  assert set(saved["auc"]) == set(L.DISEASES)
+  rows = (out / "predictions.csv").read_text().splitlines()
+  assert len(rows) == saved["num_images"] + 1
+  loc = localization.localize(str(ref_dir), which="latest", max_overlays=2)
+  assert loc["boxes"] > 0 and (pathlib.Path(loc["out_dir"]) /
+                               "localization.csv").exists()
+
+  # A larger num_train_steps on the same workdir continues the run.
+  subprocess.run(_train_cmd(ref_dir, tiny_data, steps=16), env=env,
+                 check=True, capture_output=True, timeout=600)
+  assert _final_params(ref_dir)[1] == 16
+  lines = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text(
+  ).splitlines()]
+  assert any("val_mean_auc" in l for l in lines)
+  assert (ref_dir / "tensorboard").is_dir()
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+  """jax.distributed on localhost (gloo CPU collectives): 2 processes x 2
+  devices, each feeding only its share, equal 1 process x 4 devices."""
+  import portpicker
+  worker = str(ROOT / "tests" / "multiprocess_worker.py")
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen([sys.executable, worker, str(p), "2", str(port),
+                             "2", str(tmp_path / "multi.npz")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for p in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  subprocess.run([sys.executable, worker, "0", "1", "0", "4",
+                  str(tmp_path / "single.npz")], env=env, check=True,
+                 capture_output=True, timeout=600)
+  multi, single = np.load(tmp_path / "multi.npz"), np.load(tmp_path /
+                                                           "single.npz")
+  assert int(multi["devices"]) == int(single["devices"]) == 4
+  np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-6)
+  for key in single.files:
+    if key.startswith(("param_", "stats_")):
+      np.testing.assert_allclose(multi[key], single[key], rtol=1e-5,
+                                 atol=1e-7, err_msg=key)

@@ -43,13 +43,14 @@ class BasicConv(nn.Module):
   padding: str = "SAME"
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
                 padding=self.padding, use_bias=False, dtype=self.dtype,
                 name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=BN_EPSILON, use_scale=False, dtype=self.dtype,
                      axis_name=self.bn_axis_name if train else None,
                      # Two-pass variance: E[x^2] - E[x]^2 cancels badly,
@@ -64,10 +65,12 @@ class _Block(nn.Module):
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
   pool_include_padding: bool = False
+  bn_momentum: float = BN_MOMENTUM
 
   def conv(self, features, kernel_size, name, strides=(1, 1), padding="SAME"):
     return BasicConv(features, kernel_size, strides, padding, dtype=self.dtype,
-                     bn_axis_name=self.bn_axis_name, name=name)
+                     bn_axis_name=self.bn_axis_name,
+                     bn_momentum=self.bn_momentum, name=name)
 
   def avg_pool_3x3(self, x):
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
@@ -240,6 +243,9 @@ class InceptionV3(nn.Module):
   # Wang et al. 2017's transition layer (Table 2's CEL(tran.) row): a 1x1 conv
   # to this many channels, BN, ReLU, then log-sum-exp pooling with LSE_R.
   transition_channels: int = 0
+  # Keras' 0.99. A short run from scratch wants less: the running statistics
+  # that inference uses lag the weights by ~1/(1 - momentum) steps.
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -248,7 +254,8 @@ class InceptionV3(nn.Module):
     if min(x.shape[1:3]) < MIN_INPUT_SIZE:
       raise ValueError(f"InceptionV3 needs inputs of at least "
                        f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {x.shape[1:3]}")
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                  bn_momentum=self.bn_momentum)
     x = x.astype(self.dtype)
     for i, (name, features, kernel, strides, padding) in enumerate(STEM):
       x = BasicConv(features, kernel, strides, padding, name=name, **common)(

@@ -1,0 +1,180 @@
+"""`cxr-jax evaluate`: restore a run, predict a split data-parallel, and write
+the paper's AUC table with bootstrap CIs, predictions, ROC curves and JSON.
+
+Outputs, in `W/eval/<split>/`:
+  auc.csv          per-class AUC, 95% CI, positives; then the mean (Table 2)
+  predictions.csv  image, 14 probabilities, 14 labels
+  roc.png          one ROC curve per class
+  metrics.json     mean_auc, auc {class: value}, CIs, num_images, ...
+The auxiliary "normal" output is dropped: evaluation reads the 14 diseases.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from cxr_jax import checkpoint, metrics, parallel
+from cxr_jax import labels as L
+from cxr_jax.data import pipeline
+
+
+def make_predict_fn(model, variables, mesh=None):
+  """A jitted, data-parallel function: local uint8 batch -> local sigmoid
+  probabilities of the 14 diseases (this process's share)."""
+  mesh = mesh or parallel.make_mesh()
+
+  def per_device(variables, batch):
+    x = pipeline.to_model_input(batch["image"])
+    logits = model.apply(variables, x, train=False)
+    return jax.nn.sigmoid(logits[:, :L.NUM_DISEASES])
+
+  fn = parallel.shard_map_step(per_device, mesh, P(parallel.AXIS),
+                               donate_state=False)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+
+  def predict(batch) -> np.ndarray:
+    probs = fn(variables, parallel.global_batch(batch, mesh))
+    shards = sorted(probs.addressable_shards,
+                    key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+  return predict
+
+
+def predict_split(workdir: str, which: str = "best", split: str = "test",
+                  data_dir: str | None = None, batch_size: int | None = None
+                  ) -> dict[str, Any]:
+  """{'names', 'probs' [N, 14], 'labels' [N, 14], 'config', 'step'}."""
+  from cxr_jax import train
+  variables, config = checkpoint.restore(workdir, which)
+  if data_dir:
+    config.data_dir = data_dir
+  dataset = pipeline.PreparedDataset(config.data_dir, config.image_size)
+  names, _ = train.load_splits(config, dataset)
+  if split not in names:
+    raise ValueError(f"unknown split {split!r}; choose {sorted(names)}")
+  names = names[split]
+  if not names:
+    raise ValueError(f"the {split} split has no prepared images")
+  batch_size = batch_size or config.eval_batch_size
+  batch_size = max(jax.device_count(),
+                   batch_size // jax.device_count() * jax.device_count())
+  model = train.build_model(config, None)
+  predict = make_predict_fn(model, variables)
+  probs, labels, order = [], [], []
+  for batch in pipeline.eval_batches(dataset, names, batch_size,
+                                     jax.process_index(), jax.process_count()):
+    p = predict(batch)
+    keep = batch["mask"] > 0
+    probs.append(p[keep])
+    labels.append(batch["labels"][keep, :L.NUM_DISEASES])
+    order.append(batch["index"][keep])
+  probs, labels, order = (np.concatenate(probs), np.concatenate(labels),
+                          np.concatenate(order))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    gather = lambda a: np.concatenate(multihost_utils.process_allgather(a))
+    probs, labels, order = gather(probs), gather(labels), gather(order)
+  return {"names": [dataset.names[i] for i in order], "probs": probs,
+          "labels": labels, "config": config,
+          "step": int(config.restored_step)}
+
+
+def auc_table(labels, probs, num_resamples: int = 1000, seed: int = 0):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    ci = metrics.bootstrap_ci(labels, probs, num_resamples=num_resamples,
+                              seed=seed)
+  _, defined = metrics.mean_auc(ci.auc)
+  return ci, defined
+
+
+def format_table(ci, positives) -> str:
+  lines = [f"{'Pathology':20s} {'AUC':>7s}   {'95% CI':15s} {'positives':>9s}"]
+  for name, a, lo, hi, n in zip(L.DISEASES, ci.auc, ci.low, ci.high,
+                                positives):
+    a_txt = "    n/a" if np.isnan(a) else f"{a:7.4f}"
+    ci_txt = "" if np.isnan(a) else f"[{lo:.4f}, {hi:.4f}]"
+    lines.append(f"{name:20s} {a_txt}   {ci_txt:15s} {int(n):9d}")
+  lines.append(f"{'AUC(Mean)':20s} {ci.mean:7.4f}   "
+               f"[{ci.mean_low:.4f}, {ci.mean_high:.4f}]")
+  return "\n".join(lines)
+
+
+def plot_roc(labels, probs, path: str, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from sklearn.metrics import roc_auc_score, roc_curve
+  fig, axes = plt.subplots(4, 4, figsize=(13, 13))
+  for c, ax in enumerate(axes.ravel()):
+    if c >= L.NUM_DISEASES:
+      ax.axis("off")
+      continue
+    y = labels[:, c] > 0.5
+    ax.plot([0, 1], [0, 1], color="0.8", lw=1)
+    if 0 < y.sum() < len(y):
+      fpr, tpr, _ = roc_curve(y, probs[:, c])
+      ax.plot(fpr, tpr, lw=1.5)
+      ax.set_title(f"{L.DISEASES[c]} (AUC {roc_auc_score(y, probs[:, c]):.3f})",
+                   fontsize=9)
+    else:
+      ax.set_title(f"{L.DISEASES[c]} (undefined)", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.tick_params(labelsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def evaluate(workdir: str, which: str = "best", split: str = "test",
+             data_dir: str | None = None, num_resamples: int = 1000,
+             out_dir: str | None = None) -> dict[str, Any]:
+  """The `evaluate` command; returns metrics.json's content."""
+  pred = predict_split(workdir, which, split, data_dir)
+  probs, labels = pred["probs"], pred["labels"]
+  ci, defined = auc_table(labels, probs, num_resamples)
+  out_dir = out_dir or os.path.join(workdir, "eval", split)
+  os.makedirs(out_dir, exist_ok=True)
+  positives = labels.sum(0)
+  with open(os.path.join(out_dir, "auc.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["Pathology", "AUC", "CI_low", "CI_high", "positives"])
+    for row in zip(L.DISEASES, ci.auc, ci.low, ci.high, positives):
+      w.writerow([row[0]] + [f"{v:.4f}" for v in row[1:4]] + [int(row[4])])
+    w.writerow(["AUC(Mean)", f"{ci.mean:.4f}", f"{ci.mean_low:.4f}",
+                f"{ci.mean_high:.4f}", int(labels.shape[0])])
+  with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["Image Index"] + [f"p_{d}" for d in L.DISEASES] +
+               [f"y_{d}" for d in L.DISEASES])
+    for name, p, y in zip(pred["names"], probs, labels):
+      w.writerow([name] + [f"{v:.6f}" for v in p] + [int(v) for v in y])
+  plot_roc(labels, probs, os.path.join(out_dir, "roc.png"),
+           f"{split} split, step {pred['step']}")
+  result = {
+      "mean_auc": float(ci.mean), "defined_classes": defined,
+      "mean_auc_ci": [float(ci.mean_low), float(ci.mean_high)],
+      "auc": {d: (None if np.isnan(a) else float(a))
+              for d, a in zip(L.DISEASES, ci.auc)},
+      "auc_ci": {d: [float(lo), float(hi)] for d, lo, hi in
+                 zip(L.DISEASES, ci.low, ci.high)},
+      "positives": {d: int(n) for d, n in zip(L.DISEASES, positives)},
+      "num_images": int(labels.shape[0]), "split": split, "which": which,
+      "step": pred["step"], "bootstrap_resamples": num_resamples,
+  }
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  result["table"] = format_table(ci, positives)
+  result["out_dir"] = out_dir
+  return result

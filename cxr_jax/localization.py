@@ -1,0 +1,178 @@
+"""Class activation maps and box scoring (Zhou et al. 2016; the paper's
+Section IV-G; Wang et al. 2017's Table 3 protocol).
+
+For an image and a class c, the CAM is the last convolutional map (Mixed_7c,
+or the transition layer's map when the model has one) weighted by the head's
+weights of class c: cam = sum_k w_kc * F_k. It is upsampled to the image,
+scaled to integers in [0, 255], thresholded at 200; the bounding box of the
+largest connected component (scipy.ndimage.label) is the prediction. It is
+scored against the ground truth by IoU and by IoBB (intersection over the
+predicted box), and counted correct at T in {0.1, 0.25, 0.5, 0.75}.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage
+
+from cxr_jax import labels as L
+from cxr_jax.data import pipeline
+
+THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
+
+
+def class_activation_map(features: np.ndarray, head_kernel: np.ndarray,
+                         cls: int) -> np.ndarray:
+  """[h, w, K] features, [K, C] head kernel -> [h, w] CAM of class `cls`."""
+  return np.tensordot(np.asarray(features, np.float64),
+                      np.asarray(head_kernel, np.float64)[:, cls], axes=1)
+
+
+def cam_to_uint8(cam: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear upsampling to size x size, then min-max scaling to 0..255."""
+  up = np.asarray(jax.image.resize(jnp.asarray(cam, jnp.float32),
+                                   (size, size), "bilinear"))
+  lo, hi = float(up.min()), float(up.max())
+  if hi - lo < 1e-12:
+    return np.zeros((size, size), np.uint8)
+  return np.round((up - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def box_from_heatmap(heat: np.ndarray, threshold: int = 200
+                     ) -> tuple[float, float, float, float] | None:
+  """(x, y, w, h) of the largest connected region with heat >= threshold."""
+  components, count = scipy.ndimage.label(heat >= threshold)
+  if count == 0:
+    return None
+  sizes = np.bincount(components.ravel())[1:]
+  ys, xs = np.nonzero(components == 1 + int(np.argmax(sizes)))
+  return (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+          float(ys.max() - ys.min() + 1))
+
+
+def _intersection(a, b) -> float:
+  ax, ay, aw, ah = a
+  bx, by, bw, bh = b
+  w = min(ax + aw, bx + bw) - max(ax, bx)
+  h = min(ay + ah, by + bh) - max(ay, by)
+  return max(w, 0.0) * max(h, 0.0)
+
+
+def iou(pred, truth) -> float:
+  inter = _intersection(pred, truth)
+  union = pred[2] * pred[3] + truth[2] * truth[3] - inter
+  return inter / union if union > 0 else 0.0
+
+
+def iobb(pred, truth) -> float:
+  """Intersection over the predicted box (Wang et al. 2017)."""
+  area = pred[2] * pred[3]
+  return _intersection(pred, truth) / area if area > 0 else 0.0
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, truth, pred, path: str,
+            title: str = "") -> None:
+  """The film, the heat map, the ground truth (green), the prediction (blue)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Rectangle
+  fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+  axes[0].imshow(image, cmap="gray")
+  axes[1].imshow(image, cmap="gray")
+  axes[1].imshow(heat, cmap="jet", alpha=0.4)
+  for ax in axes:
+    ax.add_patch(Rectangle(truth[:2], truth[2], truth[3], fill=False,
+                           edgecolor="lime", lw=1.5))
+    ax.axis("off")
+  if pred is not None:
+    axes[1].add_patch(Rectangle(pred[:2], pred[2], pred[3], fill=False,
+                                edgecolor="blue", lw=1.5))
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def localize(workdir: str, data_dir: str | None = None, which: str = "best",
+             threshold: int = 200, max_overlays: int = 24,
+             out_dir: str | None = None) -> dict[str, Any]:
+  """The `localize` command: every prepared image with boxes; returns the
+  summary written to localization.json."""
+  from cxr_jax import checkpoint, train
+  variables, config = checkpoint.restore(workdir, which)
+  dataset = pipeline.PreparedDataset(data_dir or config.data_dir,
+                                     config.image_size)
+  model = train.build_model(config, None)
+  feature_name = "transition" if model.transition_channels else "Mixed_7c"
+  features_fn = jax.jit(lambda v, x: model.apply(
+      v, x, train=False, return_features=True)[1][feature_name])
+  kernel = np.asarray(variables["params"]["head"]["kernel"])
+  out_dir = out_dir or os.path.join(workdir, "localization")
+  os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+  size = dataset.image_size
+  rows = []
+  for index in range(len(dataset)):
+    record = dataset.record(index)
+    boxes = record["boxes"]
+    if not len(boxes["label"]):
+      continue
+    image = np.asarray(record["image"], np.uint8)
+    feats = np.asarray(features_fn(
+        variables, pipeline.to_model_input(jnp.asarray(image[None]))))[0]
+    scale = size / np.asarray(record["source_size"], np.float64)  # (w, h)
+    name = dataset.names[index]
+    for cls, xywh in zip(boxes["label"], boxes["xywh"]):
+      cls = int(cls)
+      truth = (xywh[0] * scale[0], xywh[1] * scale[1], xywh[2] * scale[0],
+               xywh[3] * scale[1])
+      heat = cam_to_uint8(class_activation_map(feats, kernel, cls), size)
+      pred = box_from_heatmap(heat, threshold)
+      row = {"image": name, "label": L.DISEASES[cls],
+             "truth": [round(v, 2) for v in truth],
+             "pred": None if pred is None else list(pred),
+             "iou": 0.0 if pred is None else iou(pred, truth),
+             "iobb": 0.0 if pred is None else iobb(pred, truth)}
+      rows.append(row)
+      if len(rows) <= max_overlays:
+        overlay(image[..., 0], heat, truth, pred,
+                os.path.join(out_dir, "overlays",
+                             f"{os.path.splitext(name)[0]}_{cls}.png"),
+                f"{name} {L.DISEASES[cls]}: IoU {row['iou']:.2f}, "
+                f"IoBB {row['iobb']:.2f}")
+  if not rows:
+    raise ValueError(f"no prepared image of {dataset.path} has boxes")
+  summary: dict[str, Any] = {"boxes": len(rows), "threshold": threshold,
+                             "per_class": {}}
+  for cls in sorted({r["label"] for r in rows}, key=L.DISEASES.index):
+    sub = [r for r in rows if r["label"] == cls]
+    summary["per_class"][cls] = {
+        "boxes": len(sub),
+        **{f"iou@{t}": float(np.mean([r["iou"] >= t for r in sub]))
+           for t in THRESHOLDS},
+        **{f"iobb@{t}": float(np.mean([r["iobb"] >= t for r in sub]))
+           for t in THRESHOLDS}}
+  for metric in ("iou", "iobb"):
+    for t in THRESHOLDS:
+      summary[f"{metric}@{t}"] = float(np.mean([r[metric] >= t
+                                                for r in rows]))
+  with open(os.path.join(out_dir, "localization.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["Image Index", "Finding Label", "truth_x", "truth_y",
+                "truth_w", "truth_h", "pred_x", "pred_y", "pred_w", "pred_h",
+                "IoU", "IoBB"])
+    for r in rows:
+      w.writerow([r["image"], r["label"], *r["truth"],
+                  *(r["pred"] or ["", "", "", ""]), f"{r['iou']:.4f}",
+                  f"{r['iobb']:.4f}"])
+  with open(os.path.join(out_dir, "localization.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  summary["out_dir"] = out_dir
+  return summary
