@@ -65,6 +65,15 @@ def find_file(directory: str, names: Iterable[str]) -> str:
                           f"{directory}")
 
 
+def _rows(reader, path: str):
+  """(where, row) for each non-empty row, trailing empty fields dropped."""
+  for line_no, row in enumerate(reader, start=2):
+    while row and not row[-1].strip():
+      row.pop()
+    if row:
+      yield f"{path}:{line_no}", row
+
+
 def _age_years(text: str, where: str) -> float:
   text = text.strip()
   if not text:
@@ -131,12 +140,7 @@ def read_data_entry(path: str) -> Entries:
       raise MetadataError(
           f"{path}: header does not start with {list(_FIRST_COLUMNS)}; got "
           f"{header[:7]}")
-    for line_no, row in enumerate(reader, start=2):
-      while row and not row[-1].strip():
-        row.pop()
-      if not row:
-        continue
-      where = f"{path}:{line_no}"
+    for where, row in _rows(reader, path):
       if len(row) < 9:
         raise MetadataError(f"{where}: expected at least 9 fields, got "
                             f"{len(row)}: {row}")
@@ -198,12 +202,7 @@ def read_bbox_list(path: str) -> Boxes:
     if not header or header[0].strip() != "Image Index":
       raise MetadataError(f"{path}: expected a header starting with "
                           f"'Image Index', got {header}")
-    for line_no, row in enumerate(reader, start=2):
-      while row and not row[-1].strip():
-        row.pop()
-      if not row:
-        continue
-      where = f"{path}:{line_no}"
+    for where, row in _rows(reader, path):
       if len(row) != 6:
         raise MetadataError(f"{where}: expected 6 fields (name, label, x, y, "
                             f"w, h), got {len(row)}: {row}")
