@@ -41,10 +41,8 @@ def make_predict_fn(model, variables, mesh=None):
   variables = jax.device_put(variables, parallel.replicated(mesh))
 
   def predict(batch) -> np.ndarray:
-    probs = fn(variables, parallel.global_batch(batch, mesh))
-    shards = sorted(probs.addressable_shards,
-                    key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
+    return parallel.process_rows(
+        fn(variables, parallel.global_batch(batch, mesh)))
 
   return predict
 

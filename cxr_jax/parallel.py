@@ -97,6 +97,13 @@ def pmap_step(per_device: Callable, donate_state: bool = True) -> Callable:
                   donate_argnums=(0,) if donate_state else ())
 
 
+def process_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array sharded over 'data', in order."""
+  shards = sorted(array.addressable_shards,
+                  key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def replicate_pmap(tree: Any) -> Any:
   """One copy per local device along a new leading axis, already placed on
   the devices (pmap, now jit(shard_map), then uses it without a transfer)."""

@@ -23,7 +23,6 @@ import signal
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -242,9 +241,7 @@ class Trainer:
     if self.mode == "pmap":
       return (np.asarray(probs).reshape(-1, probs.shape[-1]),
               float(np.asarray(loss)[0]))
-    local = np.concatenate([np.asarray(s.data) for s in sorted(
-        probs.addressable_shards, key=lambda s: s.index[0].start or 0)])
-    return local, float(loss)
+    return parallel.process_rows(probs), float(loss)
 
 
 # --------------------------------------------------------------------------
@@ -378,9 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   mgr = checkpoint.manager(workdir)
   rng = jax.random.key(config.seed)
   state = trainer.init_state(rng)
-  n_params = count_parameters({"params": trainer.host_state(state).params,
-                               "batch_stats": trainer.host_state(
-                                   state).batch_stats})
+  host = trainer.host_state(state)
+  n_params = count_parameters({"params": host.params,
+                               "batch_stats": host.batch_stats})
   data_iter = iter(pipeline.train_dataset(
       dataset, names["train"], config.batch_size, config.seed,
       pipeline.Augment(config.augment_flip, config.augment_min_crop),
@@ -427,9 +424,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   try:
     while step < config.num_train_steps:
       if preemption.requested:
-        checkpoint.save(mgr, step, trainer.host_state(state),
-                        data_iter.get_state(), config, force=True)
+        # The scheduled save may already hold this step (SIGTERM right after
+        # it): saving it again would raise instead of exiting cleanly.
         mgr.wait_until_finished()
+        if mgr.latest_step() != step:
+          checkpoint.save(mgr, step, trainer.host_state(state),
+                          data_iter.get_state(), config, force=True)
+          mgr.wait_until_finished()
         raise Preempted(f"SIGTERM: saved step {step} to {workdir}")
       state, m = trainer.train(state, next(data_iter))
       step += 1
