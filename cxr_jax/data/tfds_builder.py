@@ -106,13 +106,22 @@ def load_gray(path: str, size: int | None = None) -> tuple[Image.Image,
   except Exception as e:  # PIL and imagecodecs raise many kinds of errors
     raise PrepareError(f"cannot decode image {path}: {e}") from None
   original = gray.size
-  if size is not None and gray.size != (size, size):
-    # An integer box reduction (1024 -> 341) then PIL's bilinear filter,
-    # which widens with the scale: antialiased, and 4x cheaper than bicubic
-    # on the full image.
-    gray = gray.resize((size, size), Image.Resampling.BILINEAR,
-                       reducing_gap=1.0)
+  if size is not None:
+    gray = resize_gray(gray, size)
   return gray, original
+
+
+def resize_gray(gray: Image.Image, size: int) -> Image.Image:
+  """The one resampling every image goes through, in `prepare` and in
+  `predict`, so that a single image meets the model as the training data did.
+  """
+  if gray.size == (size, size):
+    return gray
+  # An integer box reduction (1024 -> 341) then PIL's bilinear filter,
+  # which widens with the scale: antialiased, and 4x cheaper than bicubic
+  # on the full image.
+  return gray.resize((size, size), Image.Resampling.BILINEAR,
+                     reducing_gap=1.0)
 
 
 def encode_resized(job: tuple[str, int, int]
