@@ -35,10 +35,40 @@ def class_activation_map(features: np.ndarray, head_kernel: np.ndarray,
                       np.asarray(head_kernel, np.float64)[:, cls], axes=1)
 
 
-def cam_to_uint8(cam: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear upsampling to size x size, then min-max scaling to 0..255."""
-  up = np.asarray(jax.image.resize(jnp.asarray(cam, jnp.float32),
-                                   (size, size), "bilinear"))
+UPSAMPLING = ("receptive_field", "resize")
+
+
+def upsample(cam: np.ndarray, size: int, method: str = "receptive_field"
+             ) -> np.ndarray:
+  """[h, w] map -> [size, size], bilinear.
+
+  'receptive_field' places each cell's value at the centre of its receptive
+  field (`inception_v3.feature_grid`) and interpolates between centres,
+  holding the edge values beyond the outer ones. 'resize' stretches the grid
+  over the image (`jax.image.resize`), as most CAM code does; with
+  InceptionV3's VALID stem that shifts the map outwards by up to 19 px at
+  299 px.
+  """
+  if method == "resize":
+    return np.asarray(jax.image.resize(jnp.asarray(cam, jnp.float32),
+                                       (size, size), "bilinear"))
+  if method != "receptive_field":
+    raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {method!r}")
+  from cxr_jax.models.inception_v3 import feature_grid
+  cells, offset, stride = feature_grid(size)
+  if cam.shape != (cells, cells):
+    raise ValueError(f"a {size}-px input gives a {cells}x{cells} map; got "
+                     f"{cam.shape}")
+  u = (np.arange(size) + 0.5 - offset) / stride  # pixel centres, in cells
+  rows, cols = np.meshgrid(u, u, indexing="ij")
+  return scipy.ndimage.map_coordinates(np.asarray(cam, np.float64),
+                                       [rows, cols], order=1, mode="nearest")
+
+
+def cam_to_uint8(cam: np.ndarray, size: int,
+                 method: str = "receptive_field") -> np.ndarray:
+  """Upsampling to size x size, then min-max scaling to 0..255."""
+  up = upsample(cam, size, method)
   lo, hi = float(up.min()), float(up.max())
   if hi - lo < 1e-12:
     return np.zeros((size, size), np.uint8)
@@ -89,8 +119,9 @@ def overlay(image: np.ndarray, heat: np.ndarray, truth, pred, path: str,
   axes[1].imshow(image, cmap="gray")
   axes[1].imshow(heat, cmap="jet", alpha=0.4)
   for ax in axes:
-    ax.add_patch(Rectangle(truth[:2], truth[2], truth[3], fill=False,
-                           edgecolor="lime", lw=1.5))
+    if truth is not None:  # `predict` has no ground truth
+      ax.add_patch(Rectangle(truth[:2], truth[2], truth[3], fill=False,
+                             edgecolor="lime", lw=1.5))
     ax.axis("off")
   if pred is not None:
     axes[1].add_patch(Rectangle(pred[:2], pred[2], pred[3], fill=False,
@@ -103,7 +134,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, truth, pred, path: str,
 
 def localize(workdir: str, data_dir: str | None = None, which: str = "best",
              threshold: int = 200, max_overlays: int = 24,
-             out_dir: str | None = None) -> dict[str, Any]:
+             out_dir: str | None = None,
+             upsampling: str = "receptive_field") -> dict[str, Any]:
   """The `localize` command: every prepared image with boxes; returns the
   summary written to localization.json."""
   from cxr_jax import checkpoint, train
@@ -133,7 +165,8 @@ def localize(workdir: str, data_dir: str | None = None, which: str = "best",
       cls = int(cls)
       truth = (xywh[0] * scale[0], xywh[1] * scale[1], xywh[2] * scale[0],
                xywh[3] * scale[1])
-      heat = cam_to_uint8(class_activation_map(feats, kernel, cls), size)
+      heat = cam_to_uint8(class_activation_map(feats, kernel, cls), size,
+                          upsampling)
       pred = box_from_heatmap(heat, threshold)
       row = {"image": name, "label": L.DISEASES[cls],
              "truth": [round(v, 2) for v in truth],
@@ -150,7 +183,7 @@ def localize(workdir: str, data_dir: str | None = None, which: str = "best",
   if not rows:
     raise ValueError(f"no prepared image of {dataset.path} has boxes")
   summary: dict[str, Any] = {"boxes": len(rows), "threshold": threshold,
-                             "per_class": {}}
+                             "upsampling": upsampling, "per_class": {}}
   for cls in sorted({r["label"] for r in rows}, key=L.DISEASES.index):
     sub = [r for r in rows if r["label"] == cls]
     summary["per_class"][cls] = {

@@ -21,7 +21,7 @@ def test_cam_weights_the_feature_map_by_the_class_head():
   assert np.unravel_index(np.argmax(cam0), cam0.shape) == (3, 0)
   # Upsampled to 64 px, the class-1 peak lands in cell (1, 2)'s pixels and
   # its thresholded box sits around that cell.
-  heat = loc.cam_to_uint8(cam1, 64)
+  heat = loc.cam_to_uint8(cam1, 64, "resize")
   assert heat.max() == 255 and heat.min() == 0
   y, x = np.unravel_index(np.argmax(heat), heat.shape)
   assert 16 <= y < 32 and 32 <= x < 48
@@ -47,3 +47,20 @@ def test_iou_and_iobb():
   assert loc.iou(half, truth) == pytest.approx(50 / 150)
   assert loc.iobb(half, truth) == pytest.approx(0.5)
   assert loc.iou((20.0, 20.0, 1.0, 1.0), truth) == 0.0
+
+
+def test_receptive_field_upsampling_puts_cells_at_their_centres():
+  cam = np.zeros((8, 8))
+  cam[2, 5] = 1.0
+  heat = loc.cam_to_uint8(cam, 299)  # receptive_field is the default
+  y, x = np.unravel_index(np.argmax(heat), heat.shape)
+  # Cell i is centred at 37.5 + 32 i px at 299 (pixel k spans [k, k+1)).
+  assert (y, x) == (101, 197)
+  box = loc.box_from_heatmap(heat, 200)
+  assert box[0] + box[2] / 2 == pytest.approx(197.5, abs=0.5)
+  # Plain resizing stretches the grid: the same cell lands 8 px further out.
+  y, x = np.unravel_index(np.argmax(loc.cam_to_uint8(cam, 299, "resize")),
+                          (299, 299))
+  assert abs(x - (5.5 * 299 / 8)) <= 1 and abs(y - 2.5 * 299 / 8) <= 1
+  with pytest.raises(ValueError, match="8x8"):
+    loc.cam_to_uint8(np.zeros((3, 3)), 299)

@@ -93,3 +93,53 @@ def test_aux_branch_is_optional_and_needs_299():
   assert "AuxLogits" not in _shapes(InceptionV3(num_classes=15), 299)["params"]
   with pytest.raises(ValueError, match="auxiliary logits"):
     _shapes(model, 107)
+
+
+def test_depth_multiplier_thins_every_layer_like_tf_slim():
+  from cxr_jax.models.inception_v3 import scaled_depth
+  thin = _shapes(InceptionV3(num_classes=15, depth_multiplier=0.25), 299)
+  p = thin["params"]
+  assert p["Conv2d_1a_3x3"]["conv"]["kernel"].shape == (3, 3, 3, 16)  # 32/4 -> floor 16
+  assert p["Conv2d_4a_3x3"]["conv"]["kernel"].shape[-1] == 48
+  assert p["head"]["kernel"].shape == (512, 15)  # Mixed_7c: 2048 / 4
+  assert scaled_depth(192, 1.0) == 192 and scaled_depth(40, 0.1) == 16
+  with pytest.raises(ValueError, match="depth_multiplier"):
+    scaled_depth(64, 0.0)
+
+
+@pytest.mark.parametrize("size", [75, 139, 171, 299, 331])
+def test_feature_grid_matches_mixed_7c(size):
+  from cxr_jax.models.inception_v3 import feature_grid
+  model = InceptionV3(num_classes=15, depth_multiplier=0.125)
+  out = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0),
+                                     jnp.zeros((1, size, size, 3)),
+                                     return_features=True)[0])
+  cells, offset, stride = feature_grid(size)
+  assert out[1][FEATURE_MAP].shape[1:3] == (cells, cells)
+  assert (offset, stride) == (37.5, 32.0)
+  # The grid is centred: as much margin after the last centre as before the
+  # first, less the pixels the VALID layers drop.
+  assert 0 <= size - (offset + stride * (cells - 1)) - offset < stride
+
+
+def test_lse_head_pools_the_class_maps():
+  model = InceptionV3(num_classes=15, depth_multiplier=0.125,
+                      head_pooling="lse", lse_r=10.0)
+  x = jax.random.uniform(jax.random.key(1), (2, 139, 139, 3), minval=-1)
+  variables = model.init(jax.random.key(0), x)
+  logits, feats = model.apply(variables, x, return_features=True)
+  maps = np.asarray(feats["class_maps"], np.float64)
+  head = variables["params"]["head"]
+  # The class maps are the CAMs plus the bias ...
+  cam = np.tensordot(np.asarray(feats[FEATURE_MAP], np.float64),
+                     np.asarray(head["kernel"], np.float64), axes=1)
+  np.testing.assert_allclose(maps, cam + np.asarray(head["bias"]), atol=1e-5)
+  # ... and a logit is their log-mean-exp at r = 10 (between mean and max).
+  flat = maps.reshape(2, -1, 15)
+  want = (np.log(np.exp(10 * flat).mean(1))) / 10
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  assert (logits >= flat.mean(1) - 1e-6).all() and (
+      logits <= flat.max(1) + 1e-6).all()
+  with pytest.raises(ValueError, match="head_pooling"):
+    InceptionV3(num_classes=15, head_pooling="max").init(jax.random.key(0), x)

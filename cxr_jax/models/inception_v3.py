@@ -32,6 +32,23 @@ Dtype = Any
 # old running value), unlike PyTorch's.
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
+# TF-slim's inception_v3 floor for thinned layers (`min_depth`).
+MIN_DEPTH = 16
+
+
+def scaled_depth(features: int, depth_multiplier: float) -> int:
+  """TF-slim's `depth(d) = max(int(d * depth_multiplier), min_depth)`.
+
+  A multiplier of 1.0 is the published network (and the only one ImageNet
+  weights fit); smaller ones thin every convolution, which keeps the
+  architecture and its 32x stride, so a CPU can afford 299-px inputs and
+  their 8x8 Mixed_7c map.
+  """
+  if depth_multiplier == 1.0:
+    return features
+  if depth_multiplier <= 0:
+    raise ValueError(f"depth_multiplier must be > 0, got {depth_multiplier}")
+  return max(int(features * depth_multiplier), MIN_DEPTH)
 
 
 class BasicConv(nn.Module):
@@ -66,8 +83,10 @@ class _Block(nn.Module):
   bn_axis_name: str | None = None
   pool_include_padding: bool = False
   bn_momentum: float = BN_MOMENTUM
+  depth_multiplier: float = 1.0
 
   def conv(self, features, kernel_size, name, strides=(1, 1), padding="SAME"):
+    features = scaled_depth(features, self.depth_multiplier)
     return BasicConv(features, kernel_size, strides, padding, dtype=self.dtype,
                      bn_axis_name=self.bn_axis_name,
                      bn_momentum=self.bn_momentum, name=name)
@@ -209,6 +228,27 @@ STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
     ("Conv2d_4a_3x3", 192, (3, 3), (1, 1), "VALID"),
 )
 MIN_INPUT_SIZE = 75
+# (kernel, stride) of every layer on the way to Mixed_7c that moves or shrinks
+# the grid: the VALID stem convolutions and pools and the two VALID
+# reductions. SAME stride-1 layers keep cell centres where they are.
+GRID_LAYERS = ((3, 2), (3, 1), (3, 2), (3, 1), (3, 2), (3, 2), (3, 2))
+
+
+def feature_grid(size: int) -> tuple[int, float, float]:
+  """(cells, offset, stride) of the Mixed_7c grid for `size`-px inputs.
+
+  Cell i's receptive field is centred at pixel coordinate offset + stride*i
+  (pixel k spans [k, k+1)). Because the stem is VALID, that centre is not
+  (i + 0.5) * size / cells: at 299 px it is 37.5 + 32 i, while plain
+  resizing puts it at 18.7 + 37.4 i, up to 19 px off. CAMs are placed with
+  this geometry.
+  """
+  cells, offset, stride = size, 0.5, 1.0
+  for kernel, step in GRID_LAYERS:
+    cells = (cells - kernel) // step + 1
+    offset += stride * (kernel - 1) / 2
+    stride *= step
+  return cells, offset, stride
 LSE_R = 10.0
 FEATURE_MAP = "Mixed_7c"  # the last convolutional map, 2048 channels, for CAM
 
@@ -228,6 +268,8 @@ class InceptionV3(nn.Module):
     bn_axis_name: when set, training-mode BatchNorm averages its batch
       statistics over this named axis (under shard_map/pmap), so that N devices
       normalise exactly as one device with the global batch would.
+    depth_multiplier: TF-slim's channel multiplier; 1.0 is the published
+      network.
 
   Call `model.apply(variables, x, train=False)` with NHWC inputs in [-1, 1].
   It returns logits; with `return_features=True` it returns
@@ -246,6 +288,15 @@ class InceptionV3(nn.Module):
   # Keras' 0.99. A short run from scratch wants less: the running statistics
   # that inference uses lag the weights by ~1/(1 - momentum) steps.
   bn_momentum: float = BN_MOMENTUM
+  # TF-slim's depth_multiplier: thins every convolution (see scaled_depth).
+  depth_multiplier: float = 1.0
+  # 'avg': global average pooling, then the head (Keras, the paper). 'lse':
+  # the head scores every cell (the class activation maps themselves) and
+  # log-sum-exp pooling with `lse_r` turns each map into a logit. Max-like
+  # pooling rewards one strong cell rather than a broad plateau, so the maps
+  # that CAM reads are sharper (Wang et al. 2017 pool with LSE as well).
+  head_pooling: str = "avg"
+  lse_r: float = LSE_R
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -254,22 +305,25 @@ class InceptionV3(nn.Module):
     if min(x.shape[1:3]) < MIN_INPUT_SIZE:
       raise ValueError(f"InceptionV3 needs inputs of at least "
                        f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {x.shape[1:3]}")
+    if self.transition_channels and self.head_pooling != "avg":
+      raise ValueError("the transition layer pools its own map (LSE); "
+                       "head_pooling must stay 'avg' with it")
     common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
                   bn_momentum=self.bn_momentum)
+    blocks = dict(common, depth_multiplier=self.depth_multiplier,
+                  pool_include_padding=self.pool_include_padding)
     x = x.astype(self.dtype)
     for i, (name, features, kernel, strides, padding) in enumerate(STEM):
-      x = BasicConv(features, kernel, strides, padding, name=name, **common)(
-          x, train)
+      x = BasicConv(scaled_depth(features, self.depth_multiplier), kernel,
+                    strides, padding, name=name, **common)(x, train)
       if i in (2, 4):  # after Conv2d_2b and Conv2d_4a
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
     features = {}
     for name, block, attrs in BLOCKS:
-      x = block(pool_include_padding=self.pool_include_padding, name=name,
-                **attrs, **common)(x, train)
+      x = block(name=name, **attrs, **blocks)(x, train)
       if name == "Mixed_6e" and self.aux_logits:
         features["aux_logits"] = InceptionAux(
-            num_classes=self.num_classes, name="AuxLogits",
-            pool_include_padding=self.pool_include_padding, **common)(x, train)
+            num_classes=self.num_classes, name="AuxLogits", **blocks)(x, train)
     features[FEATURE_MAP] = x
     if self.transition_channels:
       x = BasicConv(self.transition_channels, (1, 1), name="transition",
@@ -280,13 +334,26 @@ class InceptionV3(nn.Module):
       pooled = (jax.nn.logsumexp(r * xf, axis=(1, 2)) -
                 jnp.log(xf.shape[1] * xf.shape[2])) / r
       pooled = pooled.astype(self.dtype)
-    else:
+    elif self.head_pooling == "lse":
+      pooled = None
+    elif self.head_pooling == "avg":
       # Global average pooling, as Keras' avg_pool layer: the CAM of a class
       # is then exactly the head's weights applied to the Mixed_7c map.
       pooled = jnp.mean(x, axis=(1, 2))
-    features["pooled"] = pooled
-    pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+    else:
+      raise ValueError(f"head_pooling must be 'avg' or 'lse', got "
+                       f"{self.head_pooling!r}")
+    head = nn.Dense(self.num_classes, dtype=self.dtype, name="head")
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    if pooled is None:
+      maps = head(dropout(x)).astype(jnp.float32)  # [B, h, w, classes]
+      features["class_maps"] = maps
+      r = self.lse_r
+      logits = (jax.nn.logsumexp(r * maps, axis=(1, 2)) -
+                jnp.log(maps.shape[1] * maps.shape[2])) / r
+    else:
+      features["pooled"] = pooled
+      logits = head(dropout(pooled))
     # Logits leave the model in float32 so that losses and metrics never see
     # bfloat16 rounding, whatever the compute dtype.
     logits = logits.astype(jnp.float32)
