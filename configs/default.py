@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.transfer = True          # paper rows with transfer need init_weights; NT rows set False
   c.sync_batch_stats = True  # N devices normalise as one
   c.bn_momentum = 0.99       # Keras'; running stats lag ~1/(1-m) steps
+  c.head_pooling = "avg"      # 'lse': LSE-pool the per-cell class maps (sharper CAMs)
+  c.lse_r = 10.0
+  c.depth_multiplier = 1.0   # TF-slim's; < 1 thins the network (no ImageNet weights fit)
   # Objective
   c.loss = "cw_cel"          # a key of cxr_jax.losses.LOSSES
   c.loss_kwargs = ml_collections.ConfigDict()
@@ -46,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimizer (TensorFlow's Adadelta, the paper's lr)
   c.optimizer = "adadelta"
   c.learning_rate = 1e-5
+  c.lr_schedule = "constant"  # as in the paper; or 'cosine' (to 0 at num_train_steps)
   c.adadelta_rho = 0.95
   c.adadelta_epsilon = 1e-8
   # Schedule

@@ -75,12 +75,8 @@ def predict_split(workdir: str, which: str = "best", split: str = "test",
     probs.append(p[keep])
     labels.append(batch["labels"][keep, :L.NUM_DISEASES])
     order.append(batch["index"][keep])
-  probs, labels, order = (np.concatenate(probs), np.concatenate(labels),
-                          np.concatenate(order))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    gather = lambda a: np.concatenate(multihost_utils.process_allgather(a))
-    probs, labels, order = gather(probs), gather(labels), gather(order)
+  probs, labels, order = parallel.all_process_rows(
+      np.concatenate(probs), np.concatenate(labels), np.concatenate(order))
   return {"names": [dataset.names[i] for i in order], "probs": probs,
           "labels": labels, "config": config,
           "step": int(config.restored_step)}
@@ -140,9 +136,18 @@ def evaluate(workdir: str, which: str = "best", split: str = "test",
              out_dir: str | None = None) -> dict[str, Any]:
   """The `evaluate` command; returns metrics.json's content."""
   pred = predict_split(workdir, which, split, data_dir)
-  probs, labels = pred["probs"], pred["labels"]
+  return write_results(out_dir or os.path.join(workdir, "eval", split),
+                       pred["names"], pred["probs"], pred["labels"],
+                       split=split, which=which, step=pred["step"],
+                       num_resamples=num_resamples)
+
+
+def write_results(out_dir: str, names, probs, labels, *, split: str,
+                  which: str, step: int, num_resamples: int = 1000
+                  ) -> dict[str, Any]:
+  """Writes auc.csv, predictions.csv, roc.png and metrics.json for one set
+  of predictions; returns metrics.json's content plus 'table', 'out_dir'."""
   ci, defined = auc_table(labels, probs, num_resamples)
-  out_dir = out_dir or os.path.join(workdir, "eval", split)
   os.makedirs(out_dir, exist_ok=True)
   positives = labels.sum(0)
   with open(os.path.join(out_dir, "auc.csv"), "w", newline="") as f:
@@ -156,12 +161,14 @@ def evaluate(workdir: str, which: str = "best", split: str = "test",
     w = csv.writer(f)
     w.writerow(["Image Index"] + [f"p_{d}" for d in L.DISEASES] +
                [f"y_{d}" for d in L.DISEASES])
-    for name, p, y in zip(pred["names"], probs, labels):
+    for name, p, y in zip(names, probs, labels):
       w.writerow([name] + [f"{v:.6f}" for v in p] + [int(v) for v in y])
   plot_roc(labels, probs, os.path.join(out_dir, "roc.png"),
-           f"{split} split, step {pred['step']}")
+           f"{split} split, step {step}")
   result = {
-      "mean_auc": float(ci.mean), "defined_classes": defined,
+      # None, not NaN, when no class has both labels (JSON has no NaN).
+      "mean_auc": None if np.isnan(ci.mean) else float(ci.mean),
+      "defined_classes": defined,
       "mean_auc_ci": [float(ci.mean_low), float(ci.mean_high)],
       "auc": {d: (None if np.isnan(a) else float(a))
               for d, a in zip(L.DISEASES, ci.auc)},
@@ -169,7 +176,7 @@ def evaluate(workdir: str, which: str = "best", split: str = "test",
                  zip(L.DISEASES, ci.low, ci.high)},
       "positives": {d: int(n) for d, n in zip(L.DISEASES, positives)},
       "num_images": int(labels.shape[0]), "split": split, "which": which,
-      "step": pred["step"], "bootstrap_resamples": num_resamples,
+      "step": step, "bootstrap_resamples": num_resamples,
   }
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -104,6 +104,16 @@ def process_rows(array: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in shards])
 
 
+def all_process_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Each process's rows, concatenated in process order, on every process
+  (identity with one process). Evaluation gathers its predictions with it."""
+  if jax.process_count() == 1:
+    return arrays
+  from jax.experimental import multihost_utils
+  return tuple(np.concatenate(multihost_utils.process_allgather(a))
+               for a in arrays)
+
+
 def replicate_pmap(tree: Any) -> Any:
   """One copy per local device along a new leading axis, already placed on
   the devices (pmap, now jit(shard_map), then uses it without a transfer)."""

@@ -55,21 +55,43 @@ def build_model(config, axis_name: str | None = None) -> InceptionV3:
     raise ValueError(f"unknown model {config.model!r}")
   kwargs = weights.model_kwargs(config.init_weights) if config.init_weights \
       else {}
+  depth_multiplier = config.get("depth_multiplier", 1.0)
+  if config.init_weights and depth_multiplier != 1.0:
+    raise ValueError(
+        f"config.depth_multiplier={depth_multiplier} thins the network, so the "
+        f"ImageNet weights of config.init_weights={config.init_weights!r} "
+        f"cannot fit it; use 1.0 or train from scratch")
   return InceptionV3(
       num_classes=config.num_outputs, dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
       bn_axis_name=axis_name if config.sync_batch_stats else None,
-      bn_momentum=config.bn_momentum,
+      bn_momentum=config.bn_momentum, depth_multiplier=depth_multiplier,
+      head_pooling=config.get("head_pooling", "avg"),
+      lse_r=config.get("lse_r", 10.0),
       transition_channels=(TRANSITION_CHANNELS
                            if config.model == "inception_v3_transition" else 0),
       **kwargs)
 
 
+def learning_rate_schedule(config):
+  """'constant' (the paper) or 'cosine': decays to zero at num_train_steps,
+  so that a short run ends on settled weights rather than mid-stride."""
+  schedule = config.get("lr_schedule", "constant")
+  if schedule == "constant":
+    return config.learning_rate
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(config.learning_rate,
+                                       config.num_train_steps)
+  raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got "
+                   f"{schedule!r}")
+
+
 def build_optimizer(config) -> optax.GradientTransformation:
+  lr = learning_rate_schedule(config)
   if config.optimizer == "adadelta":
-    return optim.adadelta(config.learning_rate, rho=config.adadelta_rho,
+    return optim.adadelta(lr, rho=config.adadelta_rho,
                           epsilon=config.adadelta_epsilon)
-  return optim.build_optimizer(config.optimizer, config.learning_rate)
+  return optim.build_optimizer(config.optimizer, lr)
 
 
 def create_train_state(config, model: InceptionV3, rng) -> TrainState:
@@ -278,11 +300,8 @@ def _validation(trainer, state, dataset, names, config):
     labels.append(batch["labels"][keep])
     losses_.append(loss)
     weights_.append(float(batch["mask"].sum()))
-  probs, labels = np.concatenate(probs), np.concatenate(labels)
-  if pc > 1:
-    from jax.experimental import multihost_utils
-    probs = np.concatenate(multihost_utils.process_allgather(probs))
-    labels = np.concatenate(multihost_utils.process_allgather(labels))
+  probs, labels = parallel.all_process_rows(np.concatenate(probs),
+                                            np.concatenate(labels))
   import warnings
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -420,7 +439,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   window, window_start = [], time.perf_counter()
   images_per_s = float("nan")
   step = start
-  lr = float(config.learning_rate)
+  schedule = learning_rate_schedule(config)
+  lr_at = schedule if callable(schedule) else (lambda _: schedule)
   try:
     while step < config.num_train_steps:
       if preemption.requested:
@@ -449,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         nonfinite = int(np.asarray(trainer.host_state(state).nonfinite_steps))
         metric_log.write(step, {
             "train_loss": float(np.mean(finite)) if finite else float("nan"),
-            "learning_rate": lr, "images_per_s": images_per_s,
+            "learning_rate": float(lr_at(step)), "images_per_s": images_per_s,
             "nonfinite_steps": nonfinite})
         if progress is not None:
           progress.set_postfix(loss=f"{losses_[-1]:.4f}",

@@ -300,3 +300,20 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     if key.startswith(("param_", "stats_")):
       np.testing.assert_allclose(multi[key], single[key], rtol=1e-5,
                                  atol=1e-7, err_msg=key)
+
+
+def test_cosine_schedule_reaches_zero_at_the_last_step():
+  c = _config(optimizer="sgd", learning_rate=0.5, num_train_steps=4,
+              lr_schedule="cosine")
+  tx = train.build_optimizer(c)
+  params = jnp.zeros(())
+  state = tx.init(params)
+  moves = []
+  for _ in range(5):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    moves.append(-float(updates))
+  # 0.5 * (1 + cos(pi * t / 4)) / 2 for t = 0..4, then held at 0.
+  want = [0.5 * (1 + np.cos(np.pi * t / 4)) / 2 for t in range(5)]
+  np.testing.assert_allclose(moves, want, atol=1e-7)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.build_optimizer(_config(lr_schedule="linear"))

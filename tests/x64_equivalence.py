@@ -13,7 +13,7 @@ import test_train as T  # noqa: E402
 from cxr_jax import train  # noqa: E402
 
 batch = T._batches(n=1)
-c = T._config(learning_rate=1.0, dtype="float64")
+c = T._config(learning_rate=1.0, dtype="float64", depth_multiplier=1.0)
 ref = T._run(c, 1, batch, model_fn=train.build_model)
 got = T._run(c, 8, batch, model_fn=train.build_model)
 print(json.dumps({"loss": abs(got[0][0] - ref[0][0]) / abs(ref[0][0]),
