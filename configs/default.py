@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bn_momentum = 0.99       # Keras'; running stats lag ~1/(1-m) steps
   c.head_pooling = "avg"      # 'lse': LSE-pool the per-cell class maps (sharper CAMs)
   c.lse_r = 10.0
+  c.output_stride = 32       # InceptionV3's; 16 keeps Mixed_7 at 15x15 (finer CAMs)
   c.depth_multiplier = 1.0   # TF-slim's; < 1 thins the network (no ImageNet weights fit)
   # Objective
   c.loss = "cw_cel"          # a key of cxr_jax.losses.LOSSES

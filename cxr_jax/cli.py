@@ -109,7 +109,7 @@ def _evaluate(args) -> int:
 def _localize(args) -> int:
   from cxr_jax import localization
   s = localization.localize(args.workdir, args.data_dir, args.which,
-                            args.threshold)
+                            args.threshold, upsampling=args.upsampling)
   print(f"{s['boxes']} boxes, CAM threshold {s['threshold']}:")
   print(f"{'class':20s} {'boxes':>5s} " + " ".join(
       f"{m}@{t:<4}" for m in ("IoU", "IoBB") for t in localization.THRESHOLDS))
@@ -118,6 +118,37 @@ def _localize(args) -> int:
         f"{r[f'{m}@{t}']:8.2f}" for m in ("iou", "iobb")
         for t in localization.THRESHOLDS))
   print(f"wrote localization.csv and overlays to {s['out_dir']}")
+  return 0
+
+
+def _compare(args) -> int:
+  from cxr_jax import compare
+  result = compare.compare(args.runs, args.names, args.split, args.out)
+  print(result["markdown"])
+  print(f"wrote compare.md, auc.csv, summary.csv, delong.csv and bar.png to "
+        f"{result['out_dir']}")
+  return 0
+
+
+def _predict(args) -> int:
+  from cxr_jax import predict
+  result = predict.predict_files(args.workdir, args.images, args.which,
+                                 cam_dir=args.cam, top=args.top)
+  if args.json:
+    print(json.dumps(result, indent=2))
+  else:
+    if result["results"]:
+      print(f"checkpoint step {result['step']} ({args.which}); "
+            f"probabilities of the 14 diseases:")
+      print(predict.format_table(result["results"]))
+    if args.cam and result["results"]:
+      print(f"wrote CAM overlays of the top {args.top} classes to {args.cam}")
+  for e in result["errors"]:
+    print(f"cxr-jax predict: {e['error']}", file=sys.stderr)
+  if result["errors"]:
+    print(f"cxr-jax predict: {len(result['errors'])} of {len(args.images)} "
+          f"files could not be read", file=sys.stderr)
+    return 1
   return 0
 
 
@@ -200,14 +231,41 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data_dir", default=None)
   p.add_argument("--which", choices=("best", "latest"), default="best")
   p.add_argument("--threshold", type=int, default=200)
+  p.add_argument("--upsampling", default="receptive_field",
+                 choices=("receptive_field", "resize"),
+                 help="place CAM cells at their receptive-field centres, or "
+                      "stretch the grid over the image")
   p.set_defaults(run=_localize)
+
+  p = sub.add_parser("compare", help="runs side by side: per-class AUC "
+                     "tables, mean +- SD over trials, DeLong tests, bar chart")
+  p.add_argument("runs", nargs="+", help="run workdirs (their eval/<split>/) "
+                 "or evaluation folders")
+  p.add_argument("--names", nargs="+", default=None,
+                 help="one name per run; runs with the same name are trials "
+                      "of one experiment (mean +- SD)")
+  p.add_argument("--split", default="test")
+  p.add_argument("--out", default="compare", help="output folder")
+  p.set_defaults(run=_compare)
+
+  p = sub.add_parser("predict", help="14 probabilities for PNG, JPEG or "
+                     "DICOM films, optionally with CAM overlays")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("images", nargs="+")
+  p.add_argument("--which", choices=("best", "latest"), default="best")
+  p.add_argument("--cam", default=None, metavar="OUTDIR",
+                 help="write CAM overlays of the top classes here")
+  p.add_argument("--top", type=int, default=3,
+                 help="classes per image for --cam (and the JSON 'top')")
+  p.add_argument("--json", action="store_true", help="JSON instead of a table")
+  p.set_defaults(run=_predict)
 
   p = sub.add_parser("demo", help="synthesize, prepare, train, evaluate, "
                      "localize and report, end to end on synthetic data")
   p.add_argument("--workdir", default="demo_run")
-  p.add_argument("--num_images", type=int, default=2000)
-  p.add_argument("--image_size", type=int, default=139)
-  p.add_argument("--num_train_steps", type=int, default=500)
+  p.add_argument("--num_images", type=int, default=1200)
+  p.add_argument("--image_size", type=int, default=299)
+  p.add_argument("--num_train_steps", type=int, default=300)
   p.set_defaults(run=_demo)
 
   p = sub.add_parser("synth", help="write a synthetic ChestX-ray14 in the "

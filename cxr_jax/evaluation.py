@@ -68,8 +68,12 @@ def predict_split(workdir: str, which: str = "best", split: str = "test",
   model = train.build_model(config, None)
   predict = make_predict_fn(model, variables)
   probs, labels, order = [], [], []
-  for batch in pipeline.eval_batches(dataset, names, batch_size,
-                                     jax.process_index(), jax.process_count()):
+  from tqdm import tqdm
+  batches = pipeline.eval_batches(dataset, names, batch_size,
+                                  jax.process_index(), jax.process_count())
+  for batch in tqdm(batches, desc=f"predict {split}", unit="batch",
+                    total=-(-len(names) // batch_size), dynamic_ncols=True,
+                    leave=False, disable=jax.process_index() != 0):
     p = predict(batch)
     keep = batch["mask"] > 0
     probs.append(p[keep])

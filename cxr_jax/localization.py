@@ -38,8 +38,8 @@ def class_activation_map(features: np.ndarray, head_kernel: np.ndarray,
 UPSAMPLING = ("receptive_field", "resize")
 
 
-def upsample(cam: np.ndarray, size: int, method: str = "receptive_field"
-             ) -> np.ndarray:
+def upsample(cam: np.ndarray, size: int, method: str = "receptive_field",
+             output_stride: int = 32) -> np.ndarray:
   """[h, w] map -> [size, size], bilinear.
 
   'receptive_field' places each cell's value at the centre of its receptive
@@ -55,7 +55,7 @@ def upsample(cam: np.ndarray, size: int, method: str = "receptive_field"
   if method != "receptive_field":
     raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {method!r}")
   from cxr_jax.models.inception_v3 import feature_grid
-  cells, offset, stride = feature_grid(size)
+  cells, offset, stride = feature_grid(size, output_stride)
   if cam.shape != (cells, cells):
     raise ValueError(f"a {size}-px input gives a {cells}x{cells} map; got "
                      f"{cam.shape}")
@@ -66,9 +66,10 @@ def upsample(cam: np.ndarray, size: int, method: str = "receptive_field"
 
 
 def cam_to_uint8(cam: np.ndarray, size: int,
-                 method: str = "receptive_field") -> np.ndarray:
+                 method: str = "receptive_field",
+                 output_stride: int = 32) -> np.ndarray:
   """Upsampling to size x size, then min-max scaling to 0..255."""
-  up = upsample(cam, size, method)
+  up = upsample(cam, size, method, output_stride)
   lo, hi = float(up.min()), float(up.max())
   if hi - lo < 1e-12:
     return np.zeros((size, size), np.uint8)
@@ -151,7 +152,9 @@ def localize(workdir: str, data_dir: str | None = None, which: str = "best",
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
   size = dataset.image_size
   rows = []
-  for index in range(len(dataset)):
+  from tqdm import tqdm
+  for index in tqdm(range(len(dataset)), desc="localize", unit="img",
+                    dynamic_ncols=True, leave=False):
     record = dataset.record(index)
     boxes = record["boxes"]
     if not len(boxes["label"]):
@@ -166,7 +169,7 @@ def localize(workdir: str, data_dir: str | None = None, which: str = "best",
       truth = (xywh[0] * scale[0], xywh[1] * scale[1], xywh[2] * scale[0],
                xywh[3] * scale[1])
       heat = cam_to_uint8(class_activation_map(feats, kernel, cls), size,
-                          upsampling)
+                          upsampling, model.output_stride)
       pred = box_from_heatmap(heat, threshold)
       row = {"image": name, "label": L.DISEASES[cls],
              "truth": [round(v, 2) for v in truth],

@@ -155,7 +155,7 @@ def predict_files(workdir: str, paths: Sequence[str], which: str = "best",
         for c in order:
           heat = localization.cam_to_uint8(
               localization.class_activation_map(feats[i], kernel, int(c)),
-              predictor.size)
+              predictor.size, output_stride=predictor.model.output_stride)
           box = localization.box_from_heatmap(heat, threshold)
           out = os.path.join(cam_dir, f"{stem}_{L.DISEASES[c].replace(' ', '_')}.png")
           localization.overlay(films[i][..., 0], heat, None, box, out,

@@ -68,6 +68,7 @@ def build_model(config, axis_name: str | None = None) -> InceptionV3:
       bn_momentum=config.bn_momentum, depth_multiplier=depth_multiplier,
       head_pooling=config.get("head_pooling", "avg"),
       lse_r=config.get("lse_r", 10.0),
+      output_stride=config.get("output_stride", 32),
       transition_channels=(TRANSITION_CHANNELS
                            if config.model == "inception_v3_transition" else 0),
       **kwargs)

@@ -107,17 +107,21 @@ def test_depth_multiplier_thins_every_layer_like_tf_slim():
     scaled_depth(64, 0.0)
 
 
+@pytest.mark.parametrize("output_stride", [32, 16])
 @pytest.mark.parametrize("size", [75, 139, 171, 299, 331])
-def test_feature_grid_matches_mixed_7c(size):
+def test_feature_grid_matches_mixed_7c(size, output_stride):
   from cxr_jax.models.inception_v3 import feature_grid
-  model = InceptionV3(num_classes=15, depth_multiplier=0.125)
+  model = InceptionV3(num_classes=15, depth_multiplier=0.125,
+                      output_stride=output_stride)
   out = jax.eval_shape(
       lambda: model.init_with_output(jax.random.key(0),
                                      jnp.zeros((1, size, size, 3)),
                                      return_features=True)[0])
-  cells, offset, stride = feature_grid(size)
+  cells, offset, stride = feature_grid(size, output_stride)
   assert out[1][FEATURE_MAP].shape[1:3] == (cells, cells)
-  assert (offset, stride) == (37.5, 32.0)
+  assert (offset, stride) == (37.5, float(output_stride))
+  if size == 299:
+    assert cells == {32: 8, 16: 15}[output_stride]
   # The grid is centred: as much margin after the last centre as before the
   # first, less the pixels the VALID layers drop.
   assert 0 <= size - (offset + stride * (cells - 1)) - offset < stride

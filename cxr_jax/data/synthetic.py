@@ -16,8 +16,9 @@ with a learnable, localizable signal.
 * `train_val_list.txt` / `test_list.txt`: patient-disjoint, with every box
   image in the test list, as in the release.
 
-Each disease plants its own texture (disc, ring, stripes, checker, haze,
-dark patch) at its own place, with a little jitter; the recorded box is the
+Each disease plants a texture of its own (disc, rings, stripes in four
+directions, checkers, dots, a cross, haze, dark patches) at a place drawn
+anew for every film, anywhere in either lung; the recorded box is the
 pattern's extent. Label frequencies follow the real imbalance, floored at
 `min_prevalence` so that every class has examples to learn from: about half
 the images are `No Finding` and Hernia is the rarest.
@@ -49,32 +50,36 @@ BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass",
 
 
 class Pattern(NamedTuple):
-  cx: float        # centre, fraction of the width
-  cy: float        # centre, fraction of the height
   radius: float    # fraction of the size
-  texture: str     # disc | ring | stripes_h | stripes_v | checker | haze | dark
-  amplitude: float
+  texture: str     # one of TEXTURES, unique to the disease
+  amplitude: float  # added brightness; negative textures darken
 
 
-# One pattern per disease, in cxr_jax.labels.DISEASES order: distinct place
-# and texture, so the signal is learnable and its location is known.
+# One pattern per disease, in cxr_jax.labels.DISEASES order. Each disease has
+# a texture no other disease has, and its place is drawn anew for every film
+# (anywhere in either lung). A model can only find a disease by its look,
+# not by a fixed pixel position, so a correct class activation map has to
+# point at the finding: that is what makes the CAM boxes a test.
 PATTERNS = (
-    Pattern(0.30, 0.66, 0.10, "stripes_h", 0.35),  # Atelectasis
-    Pattern(0.55, 0.60, 0.13, "disc", 0.30),       # Cardiomegaly
-    Pattern(0.72, 0.78, 0.10, "haze", 0.40),       # Effusion
-    Pattern(0.68, 0.42, 0.11, "checker", 0.35),    # Infiltration
-    Pattern(0.32, 0.40, 0.09, "disc", 0.45),       # Mass
-    Pattern(0.74, 0.26, 0.06, "disc", 0.50),       # Nodule
-    Pattern(0.28, 0.24, 0.09, "ring", 0.45),       # Pneumonia
-    Pattern(0.72, 0.58, 0.10, "dark", 0.35),       # Pneumothorax
-    Pattern(0.40, 0.78, 0.08, "checker", 0.40),    # Consolidation
-    Pattern(0.50, 0.30, 0.09, "haze", 0.35),       # Edema
-    Pattern(0.24, 0.52, 0.08, "dark", 0.40),       # Emphysema
-    Pattern(0.60, 0.22, 0.08, "stripes_v", 0.40),  # Fibrosis
-    Pattern(0.16, 0.36, 0.07, "ring", 0.40),       # Pleural Thickening
-    Pattern(0.50, 0.86, 0.07, "stripes_v", 0.45),  # Hernia
+    Pattern(0.10, "stripes_h", 0.35),   # Atelectasis
+    Pattern(0.12, "disc", 0.30),        # Cardiomegaly
+    Pattern(0.10, "haze", 0.45),        # Effusion
+    Pattern(0.11, "checker", 0.35),     # Infiltration
+    Pattern(0.09, "ring", 0.45),        # Mass
+    Pattern(0.08, "bullseye", 0.45),    # Nodule
+    Pattern(0.10, "stripes_d", 0.40),   # Pneumonia
+    Pattern(0.10, "dark", 0.35),        # Pneumothorax
+    Pattern(0.09, "dots", 0.45),        # Consolidation
+    Pattern(0.10, "stripes_v", 0.35),   # Edema
+    Pattern(0.09, "dark_ring", 0.45),   # Emphysema
+    Pattern(0.09, "cross", 0.40),       # Fibrosis
+    Pattern(0.09, "stripes_a", 0.40),   # Pleural Thickening
+    Pattern(0.09, "dark_checker", 0.40),  # Hernia
 )
 assert len(PATTERNS) == L.NUM_DISEASES
+assert len({p.texture for p in PATTERNS}) == L.NUM_DISEASES
+LUNGS = ((0.31, 0.48), (0.69, 0.48))  # centres; semi-axes 0.17 x 0.31
+LUNG_AXES = (0.17, 0.31)
 
 
 def prevalences(min_prevalence: float = 0.015) -> np.ndarray:
@@ -100,27 +105,60 @@ def _film(rng, size: int) -> np.ndarray:
   return img.astype(np.float32)
 
 
+def _texture(name: str, d, xx, yy, period: float) -> np.ndarray:
+  """The pattern inside the unit disc d <= 1 (xx, yy in pixels)."""
+  wave = lambda u: np.sin(2 * np.pi * u / period)
+  square = lambda u: 0.5 + 0.5 * np.sign(u)
+  ring = lambda at, width: np.clip(1 - np.abs(d - at) / width, 0, 1)
+  if name == "disc":
+    return np.ones_like(d)
+  if name == "ring":
+    return ring(0.7, 0.25)
+  if name == "bullseye":
+    return np.maximum(d < 0.3, ring(0.8, 0.15))
+  if name == "dark_ring":
+    return -ring(0.65, 0.3)
+  if name == "stripes_h":
+    return square(wave(yy))
+  if name == "stripes_v":
+    return square(wave(xx))
+  if name == "stripes_d":
+    return square(wave((xx + yy) / np.sqrt(2)))
+  if name == "stripes_a":
+    return square(wave((xx - yy) / np.sqrt(2)))
+  if name == "checker":
+    return square(wave(xx) * wave(yy))
+  if name == "dark_checker":
+    return -square(wave(xx) * wave(yy))
+  if name == "dots":
+    return ((0.5 + 0.5 * wave(xx)) * (0.5 + 0.5 * wave(yy)) > 0.6).astype(
+        np.float32)
+  if name == "cross":
+    return np.zeros_like(d)  # filled in by the caller, which knows the centre
+  if name == "haze":
+    return np.exp(-d ** 2)
+  if name == "dark":
+    return -np.ones_like(d)
+  raise ValueError(f"unknown texture {name!r}")
+
+
 def _plant(img, rng, pattern: Pattern) -> tuple[float, float, float, float]:
-  """Adds one finding; returns its box (x, y, w, h) in pixels."""
+  """Adds one finding at a random place in a lung; returns its box (x, y, w,
+  h) in pixels."""
   size = img.shape[0]
-  cx = (pattern.cx + rng.normal(0, 0.02)) * size
-  cy = (pattern.cy + rng.normal(0, 0.02)) * size
+  lung = LUNGS[int(rng.integers(2))]
+  angle, radial = rng.uniform(0, 2 * np.pi), 0.75 * np.sqrt(rng.uniform())
+  cx = (lung[0] + radial * LUNG_AXES[0] * np.cos(angle)) * size
+  cy = (lung[1] + radial * LUNG_AXES[1] * np.sin(angle)) * size
   r = pattern.radius * size * rng.uniform(0.85, 1.15)
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
   d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / r
   # A soft-edged disc that ends at radius r: the box is its exact extent.
   inside = np.clip((1.0 - d) * 4.0, 0, 1) ** 0.5
-  period = max(r / 2.5, 2.0)
-  texture = {
-      "disc": np.ones_like(d),
-      "ring": np.clip(1 - np.abs(d - 0.7) * 4, 0, 1),
-      "stripes_h": 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * yy / period)),
-      "stripes_v": 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * xx / period)),
-      "checker": 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * xx / period) *
-                                     np.sin(2 * np.pi * yy / period)),
-      "haze": np.exp(-d ** 2),
-      "dark": -np.ones_like(d),
-  }[pattern.texture]
+  texture = _texture(pattern.texture, d, xx, yy, max(r / 2.5, 2.0))
+  if pattern.texture == "cross":
+    texture = ((np.abs(xx - cx) < 0.25 * r) |
+               (np.abs(yy - cy) < 0.25 * r)).astype(np.float32)
   img += pattern.amplitude * rng.uniform(0.8, 1.2) * inside * texture
   x0, y0 = max(cx - r, 0.0), max(cy - r, 0.0)
   x1, y1 = min(cx + r, size - 1.0), min(cy + r, size - 1.0)
@@ -185,7 +223,10 @@ def synthesize(out: str, num_images: int = 2000, image_size: int = 256,
           for n, s, v, a in zip(names, seeds, vectors, rgba)]
   with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count()) \
       as pool:
-    all_boxes = pool.map(_write_png, jobs, chunksize=16)
+    from tqdm import tqdm
+    all_boxes = list(tqdm(pool.imap(_write_png, jobs, chunksize=16),
+                          total=len(jobs), desc="synth", unit="img",
+                          dynamic_ncols=True))
 
   ages = rng.integers(1, 95, len(patients))
   sexes = rng.choice(["M", "F"], len(patients))

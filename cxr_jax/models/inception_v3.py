@@ -149,17 +149,21 @@ class InceptionC(_Block):
 
 
 class InceptionD(_Block):
-  """17 -> 8 reduction (Keras mixed8, torchvision Mixed_7a)."""
+  """17 -> 8 reduction (Keras mixed8, torchvision Mixed_7a); with stride 1
+  (output_stride 16) it only trims the border, 17 -> 15."""
+
+  stride: int = 2
 
   @nn.compact
   def __call__(self, x, train: bool):
+    s = (self.stride, self.stride)
     b3 = self.conv(192, (1, 1), "branch3x3_1")(x, train)
-    b3 = self.conv(320, (3, 3), "branch3x3_2", (2, 2), "VALID")(b3, train)
+    b3 = self.conv(320, (3, 3), "branch3x3_2", s, "VALID")(b3, train)
     b7 = self.conv(192, (1, 1), "branch7x7x3_1")(x, train)
     b7 = self.conv(192, (1, 7), "branch7x7x3_2")(b7, train)
     b7 = self.conv(192, (7, 1), "branch7x7x3_3")(b7, train)
-    b7 = self.conv(192, (3, 3), "branch7x7x3_4", (2, 2), "VALID")(b7, train)
-    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    b7 = self.conv(192, (3, 3), "branch7x7x3_4", s, "VALID")(b7, train)
+    bp = nn.max_pool(x, (3, 3), strides=s, padding="VALID")
     return jnp.concatenate([b3, b7, bp], axis=-1)
 
 
@@ -234,7 +238,8 @@ MIN_INPUT_SIZE = 75
 GRID_LAYERS = ((3, 2), (3, 1), (3, 2), (3, 1), (3, 2), (3, 2), (3, 2))
 
 
-def feature_grid(size: int) -> tuple[int, float, float]:
+def feature_grid(size: int, output_stride: int = 32
+                 ) -> tuple[int, float, float]:
   """(cells, offset, stride) of the Mixed_7c grid for `size`-px inputs.
 
   Cell i's receptive field is centred at pixel coordinate offset + stride*i
@@ -243,8 +248,12 @@ def feature_grid(size: int) -> tuple[int, float, float]:
   resizing puts it at 18.7 + 37.4 i, up to 19 px off. CAMs are placed with
   this geometry.
   """
+  if output_stride not in (16, 32):
+    raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+  layers = GRID_LAYERS if output_stride == 32 else (
+      GRID_LAYERS[:-1] + ((3, 1),))
   cells, offset, stride = size, 0.5, 1.0
-  for kernel, step in GRID_LAYERS:
+  for kernel, step in layers:
     cells = (cells - kernel) // step + 1
     offset += stride * (kernel - 1) / 2
     stride *= step
@@ -297,6 +306,10 @@ class InceptionV3(nn.Module):
   # that CAM reads are sharper (Wang et al. 2017 pool with LSE as well).
   head_pooling: str = "avg"
   lse_r: float = LSE_R
+  # 32 is InceptionV3. 16 drops Mixed_7a's stride (as DeepLab does for
+  # dense prediction): Mixed_7b/c and the CAM run on a 15x15 grid at 299 px,
+  # and their 3x3 mixing spreads a finding over half as many pixels.
+  output_stride: int = 32
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -320,6 +333,11 @@ class InceptionV3(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
     features = {}
     for name, block, attrs in BLOCKS:
+      if name == "Mixed_7a":
+        if self.output_stride not in (16, 32):
+          raise ValueError(f"output_stride must be 16 or 32, got "
+                           f"{self.output_stride}")
+        attrs = dict(attrs, stride=2 if self.output_stride == 32 else 1)
       x = block(name=name, **attrs, **blocks)(x, train)
       if name == "Mixed_6e" and self.aux_logits:
         features["aux_logits"] = InceptionAux(
