@@ -29,6 +29,7 @@ import numpy as np
 
 from cxr_jax import labels as L
 from cxr_jax import metrics
+from cxr_jax.evaluation import PREDICTION_COLUMNS
 
 ROWS = (*L.DISEASES, "AUC(Mean)")
 
@@ -71,9 +72,7 @@ def _read_predictions(path: str):
   with open(path, newline="") as f:
     reader = csv.reader(f)
     header = next(reader)
-    want = (["Image Index"] + [f"p_{d}" for d in L.DISEASES] +
-            [f"y_{d}" for d in L.DISEASES])
-    if header != want:
+    if header != PREDICTION_COLUMNS:
       raise ValueError(f"{path}: unexpected header; expected the columns "
                        f"`cxr-jax evaluate` writes")
     rows = list(reader)
@@ -97,7 +96,7 @@ def _experiments(runs: Sequence[Run]) -> dict[str, list[Run]]:
 
 def _mean_sd(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
   values = np.stack([r.values() for r in runs])
-  mean = np.nanmean(values, axis=0) if len(runs) else values
+  mean = np.nanmean(values, axis=0)
   sd = (np.nanstd(values, axis=0, ddof=1) if len(runs) > 1
         else np.full(values.shape[1], np.nan))
   return mean, sd

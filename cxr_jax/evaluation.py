@@ -26,6 +26,11 @@ from cxr_jax import labels as L
 from cxr_jax.data import pipeline
 
 
+# predictions.csv's header; `compare` reads files by it.
+PREDICTION_COLUMNS = (["Image Index"] + [f"p_{d}" for d in L.DISEASES] +
+                      [f"y_{d}" for d in L.DISEASES])
+
+
 def make_predict_fn(model, variables, mesh=None):
   """A jitted, data-parallel function: local uint8 batch -> local sigmoid
   probabilities of the 14 diseases (this process's share)."""
@@ -163,8 +168,7 @@ def write_results(out_dir: str, names, probs, labels, *, split: str,
                 f"{ci.mean_high:.4f}", int(labels.shape[0])])
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["Image Index"] + [f"p_{d}" for d in L.DISEASES] +
-               [f"y_{d}" for d in L.DISEASES])
+    w.writerow(PREDICTION_COLUMNS)
     for name, p, y in zip(names, probs, labels):
       w.writerow([name] + [f"{v:.6f}" for v in p] + [int(v) for v in y])
   plot_roc(labels, probs, os.path.join(out_dir, "roc.png"),

@@ -133,56 +133,73 @@ def overlay(image: np.ndarray, heat: np.ndarray, truth, pred, path: str,
   plt.close(fig)
 
 
+def cam_box(features: np.ndarray, head_kernel: np.ndarray, cls: int,
+            size: int, threshold: int = 200,
+            upsampling: str = "receptive_field", output_stride: int = 32):
+  """The paper's rule end to end: (heat map uint8 [size, size], box or None)."""
+  heat = cam_to_uint8(class_activation_map(features, head_kernel, cls), size,
+                      upsampling, output_stride)
+  return heat, box_from_heatmap(heat, threshold)
+
+
+def _box_image_indices(dataset: pipeline.PreparedDataset, data_dir: str
+                       ) -> list[int]:
+  """Records of the images the box list names, in dataset order: read from
+  the metadata copy that `prepare` keeps, so no film without boxes is
+  decoded."""
+  from cxr_jax.data import metadata
+  meta = metadata.read_all(data_dir)
+  if meta.boxes is None:
+    raise ValueError(f"the prepared dataset {data_dir} has no box list")
+  boxed = set(meta.boxes.names)
+  return [i for i, n in enumerate(dataset.names) if n in boxed]
+
+
 def localize(workdir: str, data_dir: str | None = None, which: str = "best",
              threshold: int = 200, max_overlays: int = 24,
              out_dir: str | None = None,
              upsampling: str = "receptive_field") -> dict[str, Any]:
   """The `localize` command: every prepared image with boxes; returns the
   summary written to localization.json."""
-  from cxr_jax import checkpoint, train
-  variables, config = checkpoint.restore(workdir, which)
-  dataset = pipeline.PreparedDataset(data_dir or config.data_dir,
-                                     config.image_size)
-  model = train.build_model(config, None)
-  feature_name = "transition" if model.transition_channels else "Mixed_7c"
-  features_fn = jax.jit(lambda v, x: model.apply(
-      v, x, train=False, return_features=True)[1][feature_name])
-  kernel = np.asarray(variables["params"]["head"]["kernel"])
+  from tqdm import tqdm
+  from cxr_jax import predict
+  predictor = predict.Predictor(workdir, which)
+  data_dir = data_dir or predictor.config.data_dir
+  dataset = pipeline.PreparedDataset(data_dir, predictor.size)
+  kernel = np.asarray(predictor.variables["params"]["head"]["kernel"])
   out_dir = out_dir or os.path.join(workdir, "localization")
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
   size = dataset.image_size
+  indices = _box_image_indices(dataset, data_dir)
   rows = []
-  from tqdm import tqdm
-  for index in tqdm(range(len(dataset)), desc="localize", unit="img",
-                    dynamic_ncols=True, leave=False):
-    record = dataset.record(index)
-    boxes = record["boxes"]
-    if not len(boxes["label"]):
-      continue
-    image = np.asarray(record["image"], np.uint8)
-    feats = np.asarray(features_fn(
-        variables, pipeline.to_model_input(jnp.asarray(image[None]))))[0]
-    scale = size / np.asarray(record["source_size"], np.float64)  # (w, h)
-    name = dataset.names[index]
-    for cls, xywh in zip(boxes["label"], boxes["xywh"]):
-      cls = int(cls)
-      truth = (xywh[0] * scale[0], xywh[1] * scale[1], xywh[2] * scale[0],
-               xywh[3] * scale[1])
-      heat = cam_to_uint8(class_activation_map(feats, kernel, cls), size,
-                          upsampling, model.output_stride)
-      pred = box_from_heatmap(heat, threshold)
-      row = {"image": name, "label": L.DISEASES[cls],
-             "truth": [round(v, 2) for v in truth],
-             "pred": None if pred is None else list(pred),
-             "iou": 0.0 if pred is None else iou(pred, truth),
-             "iobb": 0.0 if pred is None else iobb(pred, truth)}
-      rows.append(row)
-      if len(rows) <= max_overlays:
-        overlay(image[..., 0], heat, truth, pred,
-                os.path.join(out_dir, "overlays",
-                             f"{os.path.splitext(name)[0]}_{cls}.png"),
-                f"{name} {L.DISEASES[cls]}: IoU {row['iou']:.2f}, "
-                f"IoBB {row['iobb']:.2f}")
+  for start in tqdm(range(0, len(indices), predict.CHUNK), desc="localize",
+                    unit="chunk", dynamic_ncols=True, leave=False):
+    chunk = indices[start:start + predict.CHUNK]
+    records = [dataset.record(i) for i in chunk]
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    _, features = predictor(images)
+    for index, record, image, feats in zip(chunk, records, images, features):
+      boxes = record["boxes"]
+      scale = size / np.asarray(record["source_size"], np.float64)  # (w, h)
+      name = dataset.names[index]
+      for cls, xywh in zip(boxes["label"], boxes["xywh"]):
+        cls = int(cls)
+        truth = (xywh[0] * scale[0], xywh[1] * scale[1], xywh[2] * scale[0],
+                 xywh[3] * scale[1])
+        heat, pred = cam_box(feats, kernel, cls, size, threshold, upsampling,
+                             predictor.model.output_stride)
+        row = {"image": name, "label": L.DISEASES[cls],
+               "truth": [round(v, 2) for v in truth],
+               "pred": None if pred is None else list(pred),
+               "iou": 0.0 if pred is None else iou(pred, truth),
+               "iobb": 0.0 if pred is None else iobb(pred, truth)}
+        rows.append(row)
+        if len(rows) <= max_overlays:
+          overlay(image[..., 0], heat, truth, pred,
+                  os.path.join(out_dir, "overlays",
+                               f"{os.path.splitext(name)[0]}_{cls}.png"),
+                  f"{name} {L.DISEASES[cls]}: IoU {row['iou']:.2f}, "
+                  f"IoBB {row['iobb']:.2f}")
   if not rows:
     raise ValueError(f"no prepared image of {dataset.path} has boxes")
   summary: dict[str, Any] = {"boxes": len(rows), "threshold": threshold,

@@ -98,6 +98,7 @@ class Predictor:
     self.variables, self.config = checkpoint.restore(workdir, which)
     self.model = train.build_model(self.config, None)
     self.size = int(self.config.image_size)
+    # The map a CAM weights: the transition layer's when the model has one.
     self.feature_name = ("transition" if self.model.transition_channels
                          else "Mixed_7c")
 
@@ -153,10 +154,9 @@ def predict_files(workdir: str, paths: Sequence[str], which: str = "best",
         entry["cams"] = {}
         stem = os.path.splitext(os.path.basename(path))[0]
         for c in order:
-          heat = localization.cam_to_uint8(
-              localization.class_activation_map(feats[i], kernel, int(c)),
-              predictor.size, output_stride=predictor.model.output_stride)
-          box = localization.box_from_heatmap(heat, threshold)
+          heat, box = localization.cam_box(
+              feats[i], kernel, int(c), predictor.size, threshold,
+              output_stride=predictor.model.output_stride)
           out = os.path.join(cam_dir, f"{stem}_{L.DISEASES[c].replace(' ', '_')}.png")
           localization.overlay(films[i][..., 0], heat, None, box, out,
                                f"{os.path.basename(path)}: {L.DISEASES[c]} "

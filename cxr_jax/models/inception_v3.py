@@ -238,6 +238,20 @@ MIN_INPUT_SIZE = 75
 GRID_LAYERS = ((3, 2), (3, 1), (3, 2), (3, 1), (3, 2), (3, 2), (3, 2))
 
 
+def _mixed_7a_stride(output_stride: int) -> int:
+  if output_stride not in (16, 32):
+    raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+  return output_stride // 16
+
+
+def _lse_pool(x, r: float):
+  """Log-mean-exp over the spatial axes: between the mean (r -> 0) and the
+  max (r -> inf)."""
+  x = x.astype(jnp.float32)
+  return (jax.nn.logsumexp(r * x, axis=(1, 2)) -
+          jnp.log(x.shape[1] * x.shape[2])) / r
+
+
 def feature_grid(size: int, output_stride: int = 32
                  ) -> tuple[int, float, float]:
   """(cells, offset, stride) of the Mixed_7c grid for `size`-px inputs.
@@ -248,10 +262,7 @@ def feature_grid(size: int, output_stride: int = 32
   resizing puts it at 18.7 + 37.4 i, up to 19 px off. CAMs are placed with
   this geometry.
   """
-  if output_stride not in (16, 32):
-    raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-  layers = GRID_LAYERS if output_stride == 32 else (
-      GRID_LAYERS[:-1] + ((3, 1),))
+  layers = GRID_LAYERS[:-1] + ((3, _mixed_7a_stride(output_stride)),)
   cells, offset, stride = size, 0.5, 1.0
   for kernel, step in layers:
     cells = (cells - kernel) // step + 1
@@ -334,10 +345,7 @@ class InceptionV3(nn.Module):
     features = {}
     for name, block, attrs in BLOCKS:
       if name == "Mixed_7a":
-        if self.output_stride not in (16, 32):
-          raise ValueError(f"output_stride must be 16 or 32, got "
-                           f"{self.output_stride}")
-        attrs = dict(attrs, stride=2 if self.output_stride == 32 else 1)
+        attrs = dict(attrs, stride=_mixed_7a_stride(self.output_stride))
       x = block(name=name, **attrs, **blocks)(x, train)
       if name == "Mixed_6e" and self.aux_logits:
         features["aux_logits"] = InceptionAux(
@@ -347,11 +355,7 @@ class InceptionV3(nn.Module):
       x = BasicConv(self.transition_channels, (1, 1), name="transition",
                     **common)(x, train)
       features["transition"] = x
-      r = LSE_R
-      xf = x.astype(jnp.float32)
-      pooled = (jax.nn.logsumexp(r * xf, axis=(1, 2)) -
-                jnp.log(xf.shape[1] * xf.shape[2])) / r
-      pooled = pooled.astype(self.dtype)
+      pooled = _lse_pool(x, LSE_R).astype(self.dtype)
     elif self.head_pooling == "lse":
       pooled = None
     elif self.head_pooling == "avg":
@@ -366,9 +370,7 @@ class InceptionV3(nn.Module):
     if pooled is None:
       maps = head(dropout(x)).astype(jnp.float32)  # [B, h, w, classes]
       features["class_maps"] = maps
-      r = self.lse_r
-      logits = (jax.nn.logsumexp(r * maps, axis=(1, 2)) -
-                jnp.log(maps.shape[1] * maps.shape[2])) / r
+      logits = _lse_pool(maps, self.lse_r)
     else:
       features["pooled"] = pooled
       logits = head(dropout(pooled))
