@@ -33,6 +33,12 @@ LossFn = Callable[..., Array]
 # Global-batch reductions
 # --------------------------------------------------------------------------
 
+def _at_least_float32(x):
+  """Losses see bfloat16 logits in float32; float64 (the exactness tests)
+  stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
@@ -61,8 +67,8 @@ def _counts(labels, weights, axis_name, per_class: bool):
 
 def _log_terms(logits, labels):
   """(-y ln f(x), -(1-y) ln(1-f(x))) elementwise, from logits."""
-  logits = logits.astype(jnp.float32)
-  y = labels.astype(jnp.float32)
+  logits = _at_least_float32(logits)
+  y = labels.astype(logits.dtype)
   pos = -y * jax.nn.log_sigmoid(logits)
   neg = -(1.0 - y) * jax.nn.log_sigmoid(-logits)
   return pos, neg
@@ -81,8 +87,8 @@ def cross_entropy(logits, labels, *, mask=None, axis_name=None) -> Array:
 
 def mse(logits, labels, *, mask=None, axis_name=None) -> Array:
   """Squared error of the sigmoid outputs, summed over classes (MSE rows)."""
-  p = jax.nn.sigmoid(logits.astype(jnp.float32))
-  per_image = jnp.sum((p - labels.astype(jnp.float32)) ** 2, axis=-1)
+  p = jax.nn.sigmoid(_at_least_float32(logits))
+  per_image = jnp.sum((p - labels.astype(p.dtype)) ** 2, axis=-1)
   return _batch_mean(per_image, _image_weights(labels, mask), axis_name)
 
 
@@ -189,8 +195,8 @@ def focal(logits, labels, *, gamma: float = 2.0, alpha: float | None = 0.25,
   with alpha_t = alpha for positives and 1 - alpha for negatives
   (`alpha=None`: no alpha weighting). Summed over classes, mean over images.
   """
-  z = logits.astype(jnp.float32)
-  y = labels.astype(jnp.float32)
+  z = _at_least_float32(logits)
+  y = labels.astype(z.dtype)
   pos = -y * _sigmoid_pow(-z, gamma) * jax.nn.log_sigmoid(z)
   neg = -(1 - y) * _sigmoid_pow(z, gamma) * jax.nn.log_sigmoid(-z)
   if alpha is not None:
@@ -211,8 +217,8 @@ def asymmetric(logits, labels, *, gamma_pos: float = 0.0,
 
   The probability shift `clip` discards easy negatives (p < clip) entirely.
   """
-  z = logits.astype(jnp.float32)
-  y = labels.astype(jnp.float32)
+  z = _at_least_float32(logits)
+  y = labels.astype(z.dtype)
   pos = -y * _sigmoid_pow(-z, gamma_pos) * jax.nn.log_sigmoid(z)
   if clip > 0:
     p_m = jnp.maximum(jax.nn.sigmoid(z) - clip, 0.0)
