@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lse_r = 10.0
   c.output_stride = 32       # InceptionV3's; 16 keeps Mixed_7 at 15x15 (finer CAMs)
   c.depth_multiplier = 1.0   # TF-slim's; < 1 thins the network (no ImageNet weights fit)
+  c.conv_init = "lecun_normal"  # from scratch: or 'delta' (local start; sharper CAMs)
   # Objective
   c.loss = "cw_cel"          # a key of cxr_jax.losses.LOSSES
   c.loss_kwargs = ml_collections.ConfigDict()

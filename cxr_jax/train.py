@@ -69,6 +69,7 @@ def build_model(config, axis_name: str | None = None) -> InceptionV3:
       head_pooling=config.get("head_pooling", "avg"),
       lse_r=config.get("lse_r", 10.0),
       output_stride=config.get("output_stride", 32),
+      conv_init=config.get("conv_init", "lecun_normal"),
       transition_channels=(TRANSITION_CHANNELS
                            if config.model == "inception_v3_transition" else 0),
       **kwargs)

@@ -51,6 +51,37 @@ def scaled_depth(features: int, depth_multiplier: float) -> int:
   return max(int(features * depth_multiplier), MIN_DEPTH)
 
 
+CONV_INITS = ("lecun_normal", "delta")
+
+
+def delta_init(base=nn.initializers.lecun_normal()):
+  """Delta initialisation: the centre tap gets `base` with the fan-in of one
+  tap and every other tap starts at zero (the delta-orthogonal scheme of
+  Xiao et al. 2018, with a lecun-normal centre instead of an orthogonal one).
+
+  Each convolution then starts as a 1x1 map of its input, so a network
+  trained from scratch starts with the receptive field of its strides and
+  pools alone, and grows spatial extent only where the gradient asks for it.
+  At 299 px half the input-gradient mass of a Mixed_7c cell lies within
+  ~35 px of it at this init and within ~71 px at the default one (measured,
+  benchmarks/RESULTS.md): that spread is what blurs class activation maps
+  trained from scratch.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    kh, kw = shape[0], shape[1]
+    centre = base(key, (1, 1, *shape[2:]), dtype)
+    return jnp.zeros(shape, dtype).at[kh // 2, kw // 2].set(centre[0, 0])
+  return init
+
+
+def _kernel_init(name: str):
+  if name == "lecun_normal":
+    return nn.initializers.lecun_normal()
+  if name == "delta":
+    return delta_init()
+  raise ValueError(f"conv_init must be one of {CONV_INITS}, got {name!r}")
+
+
 class BasicConv(nn.Module):
   """Conv (no bias) -> BatchNorm (no scale) -> ReLU."""
 
@@ -61,12 +92,13 @@ class BasicConv(nn.Module):
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
   bn_momentum: float = BN_MOMENTUM
+  conv_init: str = "lecun_normal"
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
                 padding=self.padding, use_bias=False, dtype=self.dtype,
-                name="conv")(x)
+                kernel_init=_kernel_init(self.conv_init), name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=BN_EPSILON, use_scale=False, dtype=self.dtype,
                      axis_name=self.bn_axis_name if train else None,
@@ -84,12 +116,14 @@ class _Block(nn.Module):
   pool_include_padding: bool = False
   bn_momentum: float = BN_MOMENTUM
   depth_multiplier: float = 1.0
+  conv_init: str = "lecun_normal"
 
   def conv(self, features, kernel_size, name, strides=(1, 1), padding="SAME"):
     features = scaled_depth(features, self.depth_multiplier)
     return BasicConv(features, kernel_size, strides, padding, dtype=self.dtype,
                      bn_axis_name=self.bn_axis_name,
-                     bn_momentum=self.bn_momentum, name=name)
+                     bn_momentum=self.bn_momentum, conv_init=self.conv_init,
+                     name=name)
 
   def avg_pool_3x3(self, x):
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
@@ -244,10 +278,15 @@ def _mixed_7a_stride(output_stride: int) -> int:
   return output_stride // 16
 
 
+def _at_least_float32(x):
+  """bfloat16 -> float32; float64 (the exactness tests) stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _lse_pool(x, r: float):
   """Log-mean-exp over the spatial axes: between the mean (r -> 0) and the
   max (r -> inf)."""
-  x = x.astype(jnp.float32)
+  x = _at_least_float32(x)
   return (jax.nn.logsumexp(r * x, axis=(1, 2)) -
           jnp.log(x.shape[1] * x.shape[2])) / r
 
@@ -321,6 +360,9 @@ class InceptionV3(nn.Module):
   # dense prediction): Mixed_7b/c and the CAM run on a 15x15 grid at 299 px,
   # and their 3x3 mixing spreads a finding over half as many pixels.
   output_stride: int = 32
+  # How convolutions start when trained from scratch ('lecun_normal', Flax's
+  # default, or 'delta'; see delta_init). Loaded weights replace either.
+  conv_init: str = "lecun_normal"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -334,6 +376,7 @@ class InceptionV3(nn.Module):
                        "head_pooling must stay 'avg' with it")
     common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
                   bn_momentum=self.bn_momentum)
+    common = dict(common, conv_init=self.conv_init)
     blocks = dict(common, depth_multiplier=self.depth_multiplier,
                   pool_include_padding=self.pool_include_padding)
     x = x.astype(self.dtype)
@@ -368,15 +411,15 @@ class InceptionV3(nn.Module):
     head = nn.Dense(self.num_classes, dtype=self.dtype, name="head")
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
     if pooled is None:
-      maps = head(dropout(x)).astype(jnp.float32)  # [B, h, w, classes]
+      maps = _at_least_float32(head(dropout(x)))  # [B, h, w, classes]
       features["class_maps"] = maps
       logits = _lse_pool(maps, self.lse_r)
     else:
       features["pooled"] = pooled
       logits = head(dropout(pooled))
-    # Logits leave the model in float32 so that losses and metrics never see
-    # bfloat16 rounding, whatever the compute dtype.
-    logits = logits.astype(jnp.float32)
+    # Logits leave the model in float32 (float64 stays) so that losses and
+    # metrics never see bfloat16 rounding, whatever the compute dtype.
+    logits = _at_least_float32(logits)
     if return_features:
       return logits, features
     return logits
