@@ -23,16 +23,18 @@ from cxr_jax import labels as L
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The reduced demo: 600 films, 160 steps, one CPU device. Measured on 2 CPU
-# cores (`pytest tests/test_demo.py -s`): 5.8 min, test mean AUC 0.901, CAM
-# boxes with IoBB >= 0.5: 14.6%, IoBB >= 0.1: 73.0% (89 boxes). The bars sit
-# below those for run-to-run variation. The hit rate is asserted at its own,
-# low, measured level (the full demo's 50% goal is not met; see
-# benchmarks/RESULTS.md); IoBB >= 0.1 checks that CAM boxes land on the
-# findings at all, which a model that had not learned to localize fails.
+# cores (`pytest tests/test_demo.py -s`) with configs/tiny.py as it is (delta
+# init, LSE pooling, output stride 16): 5.7 min, test mean AUC 0.879, CAM
+# boxes with IoBB >= 0.5: 42.7%, IoBB >= 0.1: 80.9% (89 boxes). The bars sit
+# below those for run-to-run variation (across seeds the full demo's AUC
+# moved by 0.035 and its hit rate by 10 points). The previous tiny config
+# (default init, average pooling) measured a 14.6% hit rate here, so the hit
+# bar tells a model whose maps box the findings from one whose maps only
+# point near them.
 SMALL = dict(num_images=600, num_train_steps=160)
-MIN_MEAN_AUC = 0.85
-MIN_HIT_RATE = 0.05
-MIN_IOBB_0_1 = 0.5
+MIN_MEAN_AUC = 0.82
+MIN_HIT_RATE = 0.25
+MIN_IOBB_0_1 = 0.6
 
 
 @pytest.fixture(scope="module")
