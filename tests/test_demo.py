@@ -171,6 +171,6 @@ def test_readme_restore_snippet_runs_as_shown(demo_run, monkeypatch, capsys):
   namespace = {}
   exec(compile(snippet, "README.md", "exec"), namespace)
   assert namespace["probabilities"].shape == (4, L.NUM_DISEASES)
-  assert namespace["mixed_7c"].shape == (4, 8, 8, 512)
+  assert namespace["mixed_7c"].shape == (4, 15, 15, 512)  # output stride 16
   printed = capsys.readouterr().out
   assert "Atelectasis" in printed
