@@ -23,6 +23,7 @@ import numpy as np
 
 from cxr_jax import checkpoint, train
 from cxr_jax.data import pipeline
+from cxr_jax.localization import mass_radius
 from cxr_jax.models.inception_v3 import FEATURE_MAP, feature_grid
 
 CLASSES = (0, 2, 3, 4)  # Atelectasis, Effusion, Infiltration, Mass
@@ -53,7 +54,8 @@ def main():
   grad = jax.jit(jax.grad(cell_score), static_argnums=1)
   mass = np.zeros((size, size))
   step = max(1, len(dataset) // args.films)
-  for i in range(0, len(dataset), step)[:args.films]:
+  films = range(0, len(dataset), step)[:args.films]
+  for i in films:
     image = np.asarray(dataset.record(i)["image"], np.uint8)[None]
     x = pipeline.to_model_input(jnp.asarray(image))
     for cls in CLASSES:
@@ -61,17 +63,14 @@ def main():
   mass /= mass.sum()
   centre = offset + stride * centre_cell
   yy, xx = np.mgrid[0:size, 0:size] + 0.5
-  radius = np.hypot(xx - centre, yy - centre).ravel()
-  order = np.argsort(radius)
-  cumulative = np.cumsum(mass.ravel()[order])
   result = {
       "workdir": args.workdir, "which": "init" if args.init else args.which,
       "image_size": size, "cell_centre_px": centre,
-      "r50_px": float(radius[order][np.searchsorted(cumulative, 0.5)]),
-      "r80_px": float(radius[order][np.searchsorted(cumulative, 0.8)]),
+      "r50_px": mass_radius(mass, centre, 0.5),
+      "r80_px": mass_radius(mass, centre, 0.8),
       "sigma_x_px": float(np.sqrt((mass * (xx - centre) ** 2).sum())),
       "sigma_y_px": float(np.sqrt((mass * (yy - centre) ** 2).sum())),
-      "films": len(range(0, len(dataset), step)[:args.films]),
+      "films": len(films),
       "device": str(jax.devices()[0].device_kind)}
   print(json.dumps(result, indent=1))
 

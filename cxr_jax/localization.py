@@ -76,6 +76,20 @@ def cam_to_uint8(cam: np.ndarray, size: int,
   return np.round((up - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
+def mass_radius(mass: np.ndarray, centre: float, fraction: float = 0.5
+                ) -> float:
+  """Radius (px) around the pixel point (centre, centre) that holds
+  `fraction` of a non-negative [size, size] map's mass. On a cell's
+  input-gradient magnitude it measures the cell's effective receptive field
+  (Luo et al. 2016), which sizes its CAM blobs."""
+  size = mass.shape[0]
+  yy, xx = np.mgrid[0:size, 0:size] + 0.5
+  radius = np.hypot(xx - centre, yy - centre).ravel()
+  order = np.argsort(radius)
+  cumulative = np.cumsum(mass.ravel()[order]) / mass.sum()
+  return float(radius[order][np.searchsorted(cumulative, fraction)])
+
+
 def box_from_heatmap(heat: np.ndarray, threshold: int = 200
                      ) -> tuple[float, float, float, float] | None:
   """(x, y, w, h) of the largest connected region with heat >= threshold."""

@@ -152,7 +152,7 @@ def test_lse_head_pools_the_class_maps():
 def test_delta_init_starts_every_convolution_at_its_centre_tap():
   from cxr_jax.models.inception_v3 import delta_init
   kernel = np.asarray(delta_init()(jax.random.key(0), (7, 1, 64, 32)))
-  assert np.count_nonzero(kernel[[i for i in range(7) if i != 3]]) == 0
+  assert np.count_nonzero(np.delete(kernel, 3, axis=0)) == 0
   # The centre keeps a 1x1 layer's scale: variance 1 / fan-in of one tap.
   assert abs(kernel[3, 0].var() * 64 - 1) < 0.2
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
@@ -170,6 +170,7 @@ def _centre_cell_gradient_radius(model, size=299):
   """Radius (px) around the centre Mixed_7c cell that holds half of the
   input-gradient mass of that cell's features: its effective receptive
   field (Luo et al. 2016)."""
+  from cxr_jax.localization import mass_radius
   from cxr_jax.models.inception_v3 import feature_grid
   x = jax.random.uniform(jax.random.key(2), (1, size, size, 3), minval=-1)
   variables = model.init(jax.random.key(0), x)
@@ -177,12 +178,7 @@ def _centre_cell_gradient_radius(model, size=299):
   c = cells // 2
   grad = jax.grad(lambda x: model.apply(variables, x, return_features=True)[1][
       FEATURE_MAP][0, c, c].sum())(x)
-  mass = np.abs(np.asarray(grad[0])).sum(-1)
-  yy, xx = np.mgrid[0:size, 0:size] + 0.5
-  r = np.hypot(xx - offset - stride * c, yy - offset - stride * c).ravel()
-  order = np.argsort(r)
-  cum = np.cumsum(mass.ravel()[order]) / mass.sum()
-  return r[order][np.searchsorted(cum, 0.5)]
+  return mass_radius(np.abs(np.asarray(grad[0])).sum(-1), offset + stride * c)
 
 
 def test_delta_init_narrows_the_effective_receptive_field():

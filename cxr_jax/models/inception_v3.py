@@ -375,8 +375,7 @@ class InceptionV3(nn.Module):
       raise ValueError("the transition layer pools its own map (LSE); "
                        "head_pooling must stay 'avg' with it")
     common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                  bn_momentum=self.bn_momentum)
-    common = dict(common, conv_init=self.conv_init)
+                  bn_momentum=self.bn_momentum, conv_init=self.conv_init)
     blocks = dict(common, depth_multiplier=self.depth_multiplier,
                   pool_include_padding=self.pool_include_padding)
     x = x.astype(self.dtype)
