@@ -1,7 +1,7 @@
 """Effective receptive field of a run's class activation maps.
 
-For the centre Mixed_7c cell, the gradient of its class score (the CAM value,
-sum_k w_kc F_k) with respect to the input, in absolute value and summed over
+For the centre cell of the model's class maps, the gradient of its class
+score (the CAM value) with respect to the input, in absolute value and summed over
 channels, averaged over test films and classes (Luo et al. 2016). Reported:
 the radius around the cell's receptive-field centre holding 50% and 80% of
 that gradient mass, and its standard deviation along x and y. A CAM is about
@@ -21,12 +21,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxr_jax import checkpoint, train
+from cxr_jax import checkpoint, models
 from cxr_jax.data import pipeline
-from cxr_jax.localization import mass_radius
-from cxr_jax.models.inception_v3 import FEATURE_MAP, feature_grid
 
 CLASSES = (0, 2, 3, 4)  # Atelectasis, Effusion, Infiltration, Mass
+
+
+def mass_radius(mass: np.ndarray, centre: float, fraction: float = 0.5
+                ) -> float:
+  """Radius (px) around the pixel point (centre, centre) that holds
+  `fraction` of a non-negative [size, size] map's mass. On a cell's
+  input-gradient magnitude it measures the cell's effective receptive field
+  (Luo et al. 2016), which sizes its CAM blobs."""
+  size = mass.shape[0]
+  yy, xx = np.mgrid[0:size, 0:size] + 0.5
+  radius = np.hypot(xx - centre, yy - centre).ravel()
+  order = np.argsort(radius)
+  cumulative = np.cumsum(mass.ravel()[order]) / mass.sum()
+  return float(radius[order][np.searchsorted(cumulative, fraction)])
 
 
 def main():
@@ -38,18 +50,17 @@ def main():
   args = parser.parse_args()
   variables, config = checkpoint.restore(args.workdir, args.which)
   dataset = pipeline.PreparedDataset(config.data_dir, config.image_size)
-  model = train.build_model(config, None)
+  model = models.from_config(config)
   size = dataset.image_size
   if args.init:
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  kernel = jnp.asarray(variables["params"]["head"]["kernel"])
-  cells, offset, stride = feature_grid(size, config.get("output_stride", 32))
+  cells, offset, stride = model.feature_grid(size)
   centre_cell = cells // 2
 
   def cell_score(x, cls):
-    features = model.apply(variables, x, train=False,
-                           return_features=True)[1][FEATURE_MAP]
-    return features[0, centre_cell, centre_cell] @ kernel[:, cls]
+    maps = model.apply(variables, x, train=False,
+                       return_features=True)[1]["class_maps"]
+    return maps[0, centre_cell, centre_cell, cls]
 
   grad = jax.jit(jax.grad(cell_score), static_argnums=1)
   mass = np.zeros((size, size))

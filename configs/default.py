@@ -6,7 +6,8 @@
 Paper: Xu et al., "DeepCXray", IEEE Access 2018. InceptionV3 from ImageNet
 weights, 15 sigmoid outputs (14 diseases + the auxiliary "normal" task),
 CW-CEL, Adadelta at lr 1e-5, batch 16. The experiment configs derive from this
-one and change only what differs.
+one and change only what differs: `configs/paper.py` holds the paper's
+experiments as rows, `configs/tiny.py` the demo's.
 
 About the learning rate: with TensorFlow's Adadelta (rho 0.95, eps 1e-8) an
 lr of 1e-5 moves a weight by only ~lr*sqrt(eps) per step (about 1e-4 in 9k
@@ -29,20 +30,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment_flip = False     # off, as in the paper
   c.augment_min_crop = 1.0   # < 1.0 turns on random crop/rescale
   c.loader_threads = 4
-  # Model
-  c.model = "inception_v3"
+  # Model: `model_name` picks the backbone (cxr_jax.models.MODELS) and
+  # `model` holds its keyword arguments (big_vision's way). Family options
+  # (InceptionV3's output_stride, depth_multiplier, conv_init,
+  # transition_channels; ResNet's variant, ...) are added where they differ
+  # from the family's default, e.g. --config.model.output_stride=16.
+  # Converted ImageNet weights add the architecture facts they imply
+  # (variant, input_norm, ...), so the run's checkpoint rebuilds the model.
+  c.model_name = "inception_v3"
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"    # or 'bfloat16' (parameters stay float32)
+  c.model.dropout_rate = 0.0   # Keras' InceptionV3 has none
+  c.model.bn_momentum = 0.99   # Keras'; running stats lag ~1/(1-m) steps
+  c.model.head_pooling = "avg"  # 'lse': LSE-pool the per-cell class maps
+  c.model.lse_r = 10.0         # LSE sharpness (head_pooling='lse', transition)
   c.num_outputs = 15         # 14 diseases + "normal"
-  c.dropout_rate = 0.0       # Keras' InceptionV3 has none
-  c.dtype = "float32"        # or 'bfloat16' (parameters stay float32)
   c.init_weights = ""        # a converted ImageNet file (cxr-jax convert-weights)
   c.transfer = True          # paper rows with transfer need init_weights; NT rows set False
   c.sync_batch_stats = True  # N devices normalise as one
-  c.bn_momentum = 0.99       # Keras'; running stats lag ~1/(1-m) steps
-  c.head_pooling = "avg"      # 'lse': LSE-pool the per-cell class maps (sharper CAMs)
-  c.lse_r = 10.0
-  c.output_stride = 32       # InceptionV3's; 16 keeps Mixed_7 at 15x15 (finer CAMs)
-  c.depth_multiplier = 1.0   # TF-slim's; < 1 thins the network (no ImageNet weights fit)
-  c.conv_init = "lecun_normal"  # from scratch: or 'delta' (local start; sharper CAMs)
   # Objective
   c.loss = "cw_cel"          # a key of cxr_jax.losses.LOSSES
   c.loss_kwargs = ml_collections.ConfigDict()

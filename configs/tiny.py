@@ -8,18 +8,16 @@ auxiliary task) and its 299-px input, but trains from scratch with Adam at
 1e-3, because Adadelta at lr 1e-5 barely moves the weights (see
 default.py). The network is TF-slim's InceptionV3 at depth_multiplier 0.25:
 the same layers with a quarter of the channels (1.4M parameters), which
-trains faster at 299 px on a CPU than the full network does at 139 px
-(measured: 14.8 against 11.9 img/s), where Mixed_7c is only 3x3 and CAM
-cannot localize.
+trains faster at 299 px on a CPU than the full network does at 139 px, where
+Mixed_7c is only 3x3 and CAM cannot localize.
 
 Three choices, none of them the paper's, make its class activation maps
 tight enough to box a finding of realistic size (0.2 of the film) after a
-few minutes of training from scratch. Together they raised the demo's CAM
-hit rate (IoBB >= 0.5) from 12-37% to 42-52% (benchmarks/RESULTS.md):
+few minutes of training from scratch; benchmarks/RESULTS.md measures each:
 
 * conv_init='delta': every convolution starts at its centre tap, so a
-  Mixed_7c cell starts seeing ~35 px around itself rather than ~71 px (radius
-  holding half the input-gradient mass) and widens only where training asks;
+  Mixed_7c cell starts with a narrow effective receptive field and widens it
+  only where training asks;
 * head_pooling='lse': log-sum-exp pooling of the per-cell class scores does
   not reward spreading a finding's evidence over every cell that can see it,
   as a plain average does;
@@ -33,12 +31,12 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.image_size = 299
-  c.depth_multiplier = 0.25
-  c.conv_init = "delta"
-  c.head_pooling = "lse"
-  c.output_stride = 16
+  c.model.depth_multiplier = 0.25
+  c.model.conv_init = "delta"
+  c.model.head_pooling = "lse"
+  c.model.output_stride = 16
+  c.model.bn_momentum = 0.9  # a short run: inference statistics must keep up
   c.transfer = False  # from scratch
-  c.bn_momentum = 0.9  # a short run: inference statistics must keep up
   c.split_scheme = "official"
   c.optimizer = "adam"
   c.learning_rate = 1e-3

@@ -12,9 +12,12 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from cxr_jax.models import upgrade_config
 
 METRIC = "val_mean_auc"
 CHECKPOINT_DIR = "checkpoints"
@@ -80,7 +83,6 @@ def restore(workdir: str, which: str = "best"
     raise FileNotFoundError(f"no checkpoints in {workdir}")
   # The run may have used other devices than this process has: restore onto
   # one local device, from the shapes the checkpoint records.
-  import jax
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
@@ -90,6 +92,6 @@ def restore(workdir: str, which: str = "best"
   state = restored["state"]
   variables = {"params": state["params"],
                "batch_stats": state.get("batch_stats", {})}
-  config = ml_collections.ConfigDict(restored["config"])
+  config = upgrade_config(ml_collections.ConfigDict(restored["config"]))
   config.restored_step = int(step)
   return variables, config

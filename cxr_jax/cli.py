@@ -6,25 +6,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
 def _convert_weights(args) -> int:
   from cxr_jax import weights
-  meta = weights.convert(args.source, args.input, args.output,
-                         transform_input=args.torchvision_transform_input)
+  options = ({"transform_input": args.torchvision_transform_input}
+             if args.model == "inception_v3" and args.source == "torchvision"
+             else {})
+  meta = weights.convert(args.model, args.source, args.input, args.output,
+                         **options)
   print(f"wrote {args.output}: {json.dumps(meta)}")
   return 0
 
 
 def _parity_check(args) -> int:
   from cxr_jax import parity
-  errors = parity.keras_parity(sizes=tuple(args.sizes), batch=args.batch)
+  errors = parity.run(args.model, sizes=tuple(args.sizes), batch=args.batch)
   worst = max(errors.values())
   for name, err in errors.items():
-    print(f"{name:32s} relative error {err:.3e}")
+    print(f"{name:32s} max abs error {err:.3e}")
   ok = worst <= args.tolerance
-  print(f"{'PASS' if ok else 'FAIL'}: worst relative error {worst:.3e} "
+  print(f"{'PASS' if ok else 'FAIL'}: {args.model}, worst max abs error "
+        f"{worst:.3e} "
         f"(tolerance {args.tolerance:g})")
   return 0 if ok else 1
 
@@ -79,7 +84,6 @@ def _train(args, overrides) -> int:
   from cxr_jax import train
   from cxr_jax.config import load_config
   config = load_config(args.config, overrides)
-  import os
   os.makedirs(args.workdir, exist_ok=True)
   try:
     summary = train.train_and_evaluate(config, args.workdir)
@@ -173,15 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="cxr-jax", description="DeepCXray in JAX/Flax.")
   parser.add_argument("-v", "--verbose", action="store_true",
-                      help="log every converted, kept and skipped parameter")
+                      help="log every converted, kept and skipped "
+                           "parameter, and the traceback of an error")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser(
       "convert-weights",
       help="convert Keras (.h5, .weights.h5) or torchvision (.pth) "
            "InceptionV3 ImageNet weights to a cxr_jax .npz file")
+  p.add_argument("--model", default="inception_v3",
+                 help="the backbone the weights belong to (cxr_jax.models)")
   p.add_argument("--source", required=True,
-                 choices=("keras", "torchvision", "keras-imagenet"))
+                 help="keras, torchvision, keras-imagenet, or the family's "
+                      "other sources (e.g. timm)")
   p.add_argument("--input", help="the weights file (keras-imagenet: optional, "
                                  "downloaded through keras.applications)")
   p.add_argument("--output", required=True, help="the .npz file to write")
@@ -192,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser(
       "parity-check",
-      help="build Keras' InceptionV3 with random weights, convert both of its "
-           "weight layouts and compare logits and Mixed_7c maps")
-  p.add_argument("--sizes", type=int, nargs="+", default=[299, 107])
+      help="build a backbone's reference (Keras application or torch module) "
+           "with random weights, convert it and compare logits and feature "
+           "maps")
+  p.add_argument("--model", default="inception_v3")
+  p.add_argument("--sizes", type=int, nargs="+", default=[299, 224])
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--tolerance", type=float, default=1e-4)
   p.set_defaults(run=_parity_check)
@@ -315,16 +325,18 @@ def main(argv=None) -> int:
   logging.basicConfig(
       level=logging.INFO if args.verbose else logging.WARNING,
       format="%(levelname)s %(name)s: %(message)s")
-  from cxr_jax.data.metadata import MetadataError
-  from cxr_jax.data.tfds_builder import PrepareError
-  from cxr_jax.weights import ConversionError
   try:
     if getattr(args, "takes_overrides", False):
       return args.run(args, overrides)
     return args.run(args)
-  except (ConversionError, MetadataError, PrepareError, FileNotFoundError,
-          KeyError) as e:
-    print(f"cxr-jax {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    # The project's errors (ConversionError, MetadataError, PrepareError,
+    # ModelConfigError, ...) are ValueErrors whose message names the file,
+    # flag or config key: one line, unless -v asks for the traceback.
+    if args.verbose:
+      raise
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"cxr-jax {args.command}: error: {message}", file=sys.stderr)
     return 2
 
 

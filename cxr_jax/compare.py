@@ -12,6 +12,9 @@ folder itself; `cxr-jax evaluate` writes both files this reads:
   image name), per class.
 * `bar.png`: the mean AUC per experiment, with the trials' standard
   deviation as error bars (Figure 6).
+* Runs trained from a `configs/paper.py` row carry the paper's AUCs in their
+  metrics.json; each such row gets a column "paper: <column>" beside the
+  measured ones.
 
 Outputs, in `--out`: `compare.md`, `auc.csv` (per run), `summary.csv` (per
 experiment), `delong.csv`, `bar.png`.
@@ -58,6 +61,7 @@ class Run:
     self.auc = np.array([np.nan if m["auc"][d] is None else m["auc"][d]
                          for d in L.DISEASES], np.float64)
     self.mean_auc = np.nan if m["mean_auc"] is None else float(m["mean_auc"])
+    self.paper = m.get("paper") if isinstance(m.get("paper"), dict) else None
     self.names, self.probs, self.labels = _read_predictions(
         os.path.join(folder, "predictions.csv"))
 
@@ -148,6 +152,16 @@ def bar_chart(names, means, sds, path: str) -> None:
   plt.close(fig)
 
 
+def _paper_columns(runs: Sequence[Run]) -> list[dict]:
+  """The distinct paper rows the runs were trained from, in run order."""
+  seen, out = set(), []
+  for r in runs:
+    if r.paper and r.paper.get("auc") and r.paper["row"] not in seen:
+      seen.add(r.paper["row"])
+      out.append(r.paper)
+  return out
+
+
 def compare(paths: Sequence[str], names: Sequence[str] | None = None,
             split: str = "test", out_dir: str = "compare",
             alpha: float = 0.05) -> dict[str, Any]:
@@ -186,18 +200,23 @@ def compare(paths: Sequence[str], names: Sequence[str] | None = None,
 
   trials = {n: len(rs) for n, rs in groups.items()}
   header = [f"{n} (n={trials[n]})" if trials[n] > 1 else n for n in exp_names]
+  papers = _paper_columns(runs)
+  header += [f"paper: {p['table']} {p['column']}" for p in papers]
   md = [f"# Comparison on the {split} split", "",
         "AUC per class; the best of each row in bold. "
         + ("Columns with n > 1 are mean ± SD over trials." if
            max(trials.values()) > 1 else ""), "",
         "| Pathology | " + " | ".join(header) + " |",
-        "|---|" + "---|" * len(exp_names)]
+        "|---|" + "---|" * len(header)]
   for row, m, s in zip(ROWS, means, sds):
     cells = [_fmt(a, b) for a, b in zip(m, s)]
     if not np.all(np.isnan(m)):
       best = np.flatnonzero(m == np.nanmax(m))
       for i in best:
         cells[i] = f"**{cells[i]}**"
+    r = ROWS.index(row)
+    cells += [_fmt(p["auc"][r] if r < L.NUM_DISEASES else p["mean_auc"],
+                   np.nan) for p in papers]
     label = f"**{row}**" if row == "AUC(Mean)" else row
     md.append(f"| {label} | " + " | ".join(cells) + " |")
 

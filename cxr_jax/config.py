@@ -15,9 +15,12 @@ def load_config(path: str, overrides: Sequence[str] = ()
                 ) -> ml_collections.ConfigDict:
   """Runs `get_config()` of the file at `path`, then applies overrides.
 
-  Config files import their base as `from configs import default`, so the
-  folder above `configs/` goes on sys.path.
+  `path` may name a row after a colon, `configs/paper.py:table2_cwcel_at`,
+  which is passed to `get_config(row)` (ml_collections' config-file
+  argument). Config files import their base as `from configs import
+  default`, so the folder above `configs/` goes on sys.path.
   """
+  path, _, argument = path.partition(":")
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file not found: {path}")
@@ -30,7 +33,7 @@ def load_config(path: str, overrides: Sequence[str] = ()
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"{path} defines no get_config()")
-  config = module.get_config()
+  config = module.get_config(argument) if argument else module.get_config()
   apply_overrides(config, overrides)
   return config
 
@@ -54,10 +57,17 @@ def _parse(text: str, current):
     return text
 
 
+# Sub-dicts whose keys are checked by what consumes them: `config.model`
+# holds keyword arguments of the chosen backbone, which `cxr_jax.models.build`
+# checks against that backbone's options.
+OPEN_SECTIONS = ("model", "loss_kwargs")
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> None:
   """Applies `--config.a.b=value` (or `a.b=value`) strings, typed like the
-  field they replace. An unknown key is an error that names it."""
+  field they replace. An unknown key is an error that names it, except in
+  OPEN_SECTIONS, where a new key is added (typed by its text)."""
   for item in overrides:
     key, sep, value = item.removeprefix("--").removeprefix("config.").partition(
         "=")
@@ -68,6 +78,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
     for p in parents:
       node = node[p]
     if leaf not in node:
+      if ".".join(parents) in OPEN_SECTIONS:
+        node[leaf] = _parse(value, None)
+        continue
       raise KeyError(f"unknown config key {key!r}; known: "
                      f"{sorted(node.keys())}")
     with node.ignore_type():

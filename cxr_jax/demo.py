@@ -21,6 +21,10 @@ import shutil
 import time
 from typing import Any
 
+from cxr_jax import evaluation, localization, train
+from cxr_jax.config import load_config
+from cxr_jax.data import synthetic, tfds_builder
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The issue's bars for the full demo, reported (not enforced) in report.md.
 AUC_BAR = 0.85
@@ -61,9 +65,6 @@ def run_demo(workdir: str, num_images: int = 1200, source_size: int = 320,
              overrides: tuple[str, ...] = (), seed: int = 0,
              bootstrap: int = 1000) -> dict[str, Any]:
   """Runs the six stages into `workdir`; returns the measured figures."""
-  from cxr_jax import evaluation, localization, train
-  from cxr_jax.config import load_config
-  from cxr_jax.data import synthetic, tfds_builder
   start = time.perf_counter()
   # Absolute, so that the run's recorded data_dir works from any folder.
   workdir = os.path.abspath(workdir)

@@ -19,11 +19,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-from cxr_jax import checkpoint, metrics, parallel
+from cxr_jax import checkpoint, inference, metrics, models
 from cxr_jax import labels as L
-from cxr_jax.data import pipeline
+from cxr_jax.data import pipeline, splits
 
 
 # predictions.csv's header; `compare` reads files by it.
@@ -31,63 +31,33 @@ PREDICTION_COLUMNS = (["Image Index"] + [f"p_{d}" for d in L.DISEASES] +
                       [f"y_{d}" for d in L.DISEASES])
 
 
-def make_predict_fn(model, variables, mesh=None):
-  """A jitted, data-parallel function: local uint8 batch -> local sigmoid
-  probabilities of the 14 diseases (this process's share)."""
-  mesh = mesh or parallel.make_mesh()
-
-  def per_device(variables, batch):
-    x = pipeline.to_model_input(batch["image"])
-    logits = model.apply(variables, x, train=False)
-    return jax.nn.sigmoid(logits[:, :L.NUM_DISEASES])
-
-  fn = parallel.shard_map_step(per_device, mesh, P(parallel.AXIS),
-                               donate_state=False)
-  variables = jax.device_put(variables, parallel.replicated(mesh))
-
-  def predict(batch) -> np.ndarray:
-    return parallel.process_rows(
-        fn(variables, parallel.global_batch(batch, mesh)))
-
-  return predict
-
-
 def predict_split(workdir: str, which: str = "best", split: str = "test",
                   data_dir: str | None = None, batch_size: int | None = None
                   ) -> dict[str, Any]:
   """{'names', 'probs' [N, 14], 'labels' [N, 14], 'config', 'step'}."""
-  from cxr_jax import train
   variables, config = checkpoint.restore(workdir, which)
   if data_dir:
     config.data_dir = data_dir
   dataset = pipeline.PreparedDataset(config.data_dir, config.image_size)
-  names, _ = train.load_splits(config, dataset)
+  names, _ = splits.for_dataset(config, dataset.names)
   if split not in names:
     raise ValueError(f"unknown split {split!r}; choose {sorted(names)}")
   names = names[split]
   if not names:
     raise ValueError(f"the {split} split has no prepared images")
-  batch_size = batch_size or config.eval_batch_size
-  batch_size = max(jax.device_count(),
-                   batch_size // jax.device_count() * jax.device_count())
-  model = train.build_model(config, None)
-  predict = make_predict_fn(model, variables)
-  probs, labels, order = [], [], []
-  from tqdm import tqdm
-  batches = pipeline.eval_batches(dataset, names, batch_size,
-                                  jax.process_index(), jax.process_count())
-  for batch in tqdm(batches, desc=f"predict {split}", unit="batch",
-                    total=-(-len(names) // batch_size), dynamic_ncols=True,
-                    leave=False, disable=jax.process_index() != 0):
-    p = predict(batch)
-    keep = batch["mask"] > 0
-    probs.append(p[keep])
-    labels.append(batch["labels"][keep, :L.NUM_DISEASES])
-    order.append(batch["index"][keep])
-  probs, labels, order = parallel.all_process_rows(
-      np.concatenate(probs), np.concatenate(labels), np.concatenate(order))
-  return {"names": [dataset.names[i] for i in order], "probs": probs,
-          "labels": labels, "config": config,
+  # The evaluation batch is independent of training's: a multiple of the
+  # device count, so every device gets the same share.
+  n = jax.device_count()
+  batch_size = max(n, (batch_size or config.eval_batch_size) // n * n)
+  forward = inference.Inference(models.from_config(config))
+  batches = tqdm(pipeline.eval_batches(dataset, names, batch_size),
+                 desc=f"predict {split}", unit="batch",
+                 total=-(-len(names) // batch_size), dynamic_ncols=True,
+                 leave=False, disable=jax.process_index() != 0)
+  out = inference.predict_batches(forward, forward.put(variables), batches)
+  return {"names": [dataset.names[i] for i in out["index"]],
+          "probs": out["probs"][:, :L.NUM_DISEASES],
+          "labels": out["labels"][:, :L.NUM_DISEASES], "config": config,
           "step": int(config.restored_step)}
 
 
@@ -100,15 +70,22 @@ def auc_table(labels, probs, num_resamples: int = 1000, seed: int = 0):
   return ci, defined
 
 
-def format_table(ci, positives) -> str:
-  lines = [f"{'Pathology':20s} {'AUC':>7s}   {'95% CI':15s} {'positives':>9s}"]
-  for name, a, lo, hi, n in zip(L.DISEASES, ci.auc, ci.low, ci.high,
-                                positives):
+def format_table(ci, positives, paper: dict | None = None) -> str:
+  """The AUC table; with a paper row, the paper's AUC in a last column."""
+  reported = (paper or {}).get("auc")
+  lines = [f"{'Pathology':20s} {'AUC':>7s}   {'95% CI':15s} {'positives':>9s}"
+           + (f" {'paper':>7s}" if reported else "")]
+  for c, (name, a, lo, hi, n) in enumerate(zip(L.DISEASES, ci.auc, ci.low,
+                                               ci.high, positives)):
     a_txt = "    n/a" if np.isnan(a) else f"{a:7.4f}"
     ci_txt = "" if np.isnan(a) else f"[{lo:.4f}, {hi:.4f}]"
-    lines.append(f"{name:20s} {a_txt}   {ci_txt:15s} {int(n):9d}")
+    lines.append(f"{name:20s} {a_txt}   {ci_txt:15s} {int(n):9d}" +
+                 (f" {reported[c]:7.4f}" if reported else ""))
+  mean_paper = (paper or {}).get("mean_auc")
   lines.append(f"{'AUC(Mean)':20s} {ci.mean:7.4f}   "
-               f"[{ci.mean_low:.4f}, {ci.mean_high:.4f}]")
+               f"[{ci.mean_low:.4f}, {ci.mean_high:.4f}]" +
+               (f" {'':9s} {mean_paper:7.4f}" if mean_paper is not None
+                else ""))
   return "\n".join(lines)
 
 
@@ -145,17 +122,21 @@ def evaluate(workdir: str, which: str = "best", split: str = "test",
              out_dir: str | None = None) -> dict[str, Any]:
   """The `evaluate` command; returns metrics.json's content."""
   pred = predict_split(workdir, which, split, data_dir)
+  paper = pred["config"].get("paper")
   return write_results(out_dir or os.path.join(workdir, "eval", split),
                        pred["names"], pred["probs"], pred["labels"],
                        split=split, which=which, step=pred["step"],
-                       num_resamples=num_resamples)
+                       num_resamples=num_resamples,
+                       paper=paper.to_dict() if paper else None)
 
 
 def write_results(out_dir: str, names, probs, labels, *, split: str,
-                  which: str, step: int, num_resamples: int = 1000
-                  ) -> dict[str, Any]:
+                  which: str, step: int, num_resamples: int = 1000,
+                  paper: dict | None = None) -> dict[str, Any]:
   """Writes auc.csv, predictions.csv, roc.png and metrics.json for one set
-  of predictions; returns metrics.json's content plus 'table', 'out_dir'."""
+  of predictions; returns metrics.json's content plus 'table', 'out_dir'.
+  `paper` (a configs/paper.py row's `config.paper`) is recorded, and its
+  AUCs are printed beside the measured ones."""
   ci, defined = auc_table(labels, probs, num_resamples)
   os.makedirs(out_dir, exist_ok=True)
   positives = labels.sum(0)
@@ -185,9 +166,10 @@ def write_results(out_dir: str, names, probs, labels, *, split: str,
       "positives": {d: int(n) for d, n in zip(L.DISEASES, positives)},
       "num_images": int(labels.shape[0]), "split": split, "which": which,
       "step": step, "bootstrap_resamples": num_resamples,
+      "paper": paper,
   }
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
-  result["table"] = format_table(ci, positives)
+  result["table"] = format_table(ci, positives, paper)
   result["out_dir"] = out_dir
   return result

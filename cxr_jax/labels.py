@@ -10,20 +10,20 @@ from __future__ import annotations
 # DISEASES[i]; the 15th output (index NORMAL_INDEX) is the auxiliary "normal"
 # task, which is trained but never evaluated.
 DISEASES: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural Thickening",
-    "Hernia",
+  "Atelectasis",
+  "Cardiomegaly",
+  "Effusion",
+  "Infiltration",
+  "Mass",
+  "Nodule",
+  "Pneumonia",
+  "Pneumothorax",
+  "Consolidation",
+  "Edema",
+  "Emphysema",
+  "Fibrosis",
+  "Pleural Thickening",
+  "Hernia",
 )
 NUM_DISEASES = len(DISEASES)
 NORMAL = "Normal"
@@ -36,28 +36,28 @@ NUM_OUTPUTS = len(OUTPUTS)
 # Infiltration. `No Finding` stands alone and means the normal flag.
 NO_FINDING = "No Finding"
 _CSV_SPELLINGS = {
-    "Pleural_Thickening": "Pleural Thickening",
-    "Infiltrate": "Infiltration",
+  "Pleural_Thickening": "Pleural Thickening",
+  "Infiltrate": "Infiltration",
 }
 INDEX = {name: i for i, name in enumerate(DISEASES)}
 
 
 def canonical(name: str) -> str:
-    """Maps any NIH spelling of a disease to the name in DISEASES."""
-    name = name.strip()
-    name = _CSV_SPELLINGS.get(name, name)
-    if name not in INDEX:
-        raise KeyError(
-            f"unknown finding label {name!r}; expected one of {list(DISEASES)} "
-            f"or {NO_FINDING!r}")
-    return name
+  """Maps any NIH spelling of a disease to the name in DISEASES."""
+  name = name.strip()
+  name = _CSV_SPELLINGS.get(name, name)
+  if name not in INDEX:
+    raise KeyError(
+        f"unknown finding label {name!r}; expected one of {list(DISEASES)} "
+        f"or {NO_FINDING!r}")
+  return name
 
 
 def index(name: str) -> int:
-    """The output index of a disease, whatever its NIH spelling."""
-    return INDEX[canonical(name)]
+  """The output index of a disease, whatever its NIH spelling."""
+  return INDEX[canonical(name)]
 
 
 def csv_spelling(name: str) -> str:
-    """How Data_Entry_2017.csv writes a disease (for the synthetic twin)."""
-    return "Pleural_Thickening" if name == "Pleural Thickening" else name
+  """How Data_Entry_2017.csv writes a disease (for the synthetic twin)."""
+  return "Pleural_Thickening" if name == "Pleural Thickening" else name

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from cxr_jax import labels as label_names
+# Losses see bfloat16 logits in float32; float64 (the exactness tests) stays.
+from cxr_jax.models.common import at_least_float32
 
 Array = jax.Array
 LossFn = Callable[..., Array]
@@ -32,12 +34,6 @@ LossFn = Callable[..., Array]
 # --------------------------------------------------------------------------
 # Global-batch reductions
 # --------------------------------------------------------------------------
-
-def _at_least_float32(x):
-  """Losses see bfloat16 logits in float32; float64 (the exactness tests)
-  stays float64."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
 
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -67,7 +63,7 @@ def _counts(labels, weights, axis_name, per_class: bool):
 
 def _log_terms(logits, labels):
   """(-y ln f(x), -(1-y) ln(1-f(x))) elementwise, from logits."""
-  logits = _at_least_float32(logits)
+  logits = at_least_float32(logits)
   y = labels.astype(logits.dtype)
   pos = -y * jax.nn.log_sigmoid(logits)
   neg = -(1.0 - y) * jax.nn.log_sigmoid(-logits)
@@ -87,7 +83,7 @@ def cross_entropy(logits, labels, *, mask=None, axis_name=None) -> Array:
 
 def mse(logits, labels, *, mask=None, axis_name=None) -> Array:
   """Squared error of the sigmoid outputs, summed over classes (MSE rows)."""
-  p = jax.nn.sigmoid(_at_least_float32(logits))
+  p = jax.nn.sigmoid(at_least_float32(logits))
   per_image = jnp.sum((p - labels.astype(p.dtype)) ** 2, axis=-1)
   return _batch_mean(per_image, _image_weights(labels, mask), axis_name)
 
@@ -195,7 +191,7 @@ def focal(logits, labels, *, gamma: float = 2.0, alpha: float | None = 0.25,
   with alpha_t = alpha for positives and 1 - alpha for negatives
   (`alpha=None`: no alpha weighting). Summed over classes, mean over images.
   """
-  z = _at_least_float32(logits)
+  z = at_least_float32(logits)
   y = labels.astype(z.dtype)
   pos = -y * _sigmoid_pow(-z, gamma) * jax.nn.log_sigmoid(z)
   neg = -(1 - y) * _sigmoid_pow(z, gamma) * jax.nn.log_sigmoid(-z)
@@ -217,7 +213,7 @@ def asymmetric(logits, labels, *, gamma_pos: float = 0.0,
 
   The probability shift `clip` discards easy negatives (p < clip) entirely.
   """
-  z = _at_least_float32(logits)
+  z = at_least_float32(logits)
   y = labels.astype(z.dtype)
   pos = -y * _sigmoid_pow(-z, gamma_pos) * jax.nn.log_sigmoid(z)
   if clip > 0:

@@ -80,7 +80,9 @@ _CHUNK = 1024
 
 @jax.jit
 def device_auc(labels, scores, mask=None):
-  """Per-class ROC AUC, jit-compiled, for evaluation inside the training loop.
+  """Per-class ROC AUC, jit-compiled, for scores that are already on the
+  device (the loop and `evaluate` gather to the host and use
+  `per_class_auc`; benchmarks/losses.py compares the two).
 
   labels, scores: [images, classes]; mask: optional [images] (padding = 0).
   Undefined classes are NaN. Agrees with `per_class_auc` to ~1e-7.

@@ -33,6 +33,27 @@ def adadelta(learning_rate=PAPER_LEARNING_RATE, rho: float = TF_ADADELTA_RHO,
   return optax.adadelta(learning_rate=learning_rate, rho=rho, eps=epsilon)
 
 
+def learning_rate_schedule(config):
+  """'constant' (the paper) or 'cosine': decays to zero at num_train_steps,
+  so that a short run ends on settled weights rather than mid-stride."""
+  schedule = config.get("lr_schedule", "constant")
+  if schedule == "constant":
+    return config.learning_rate
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(config.learning_rate,
+                                       config.num_train_steps)
+  raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got "
+                   f"{schedule!r}")
+
+
+def from_config(config) -> optax.GradientTransformation:
+  """The config's optimizer at its learning-rate schedule."""
+  kwargs = ({"rho": config.adadelta_rho, "epsilon": config.adadelta_epsilon}
+            if config.optimizer == "adadelta" else {})
+  return build_optimizer(config.optimizer, learning_rate_schedule(config),
+                         **kwargs)
+
+
 def build_optimizer(name: str, learning_rate, **kwargs
                     ) -> optax.GradientTransformation:
   """The optimizer named in a config: adadelta, adam, sgd or momentum."""
@@ -45,5 +66,5 @@ def build_optimizer(name: str, learning_rate, **kwargs
   if name == "momentum":
     return optax.sgd(learning_rate, momentum=kwargs.pop("momentum", 0.9),
                      **kwargs)
-  raise ValueError(f"unknown optimizer {name!r}; choose adadelta, adam, sgd "
-                   f"or momentum")
+  raise ValueError(f"unknown optimizer {name!r} (config.optimizer); choose "
+                   f"adadelta, adam, sgd or momentum")

@@ -1,14 +1,23 @@
-"""Data parallelism: one per-device step, wrapped by shard_map (default) or pmap.
+"""Data parallelism: the one place where shard_map and pmap differ.
 
-The per-device step is written once with named-axis collectives over
-`AXIS` ('data'): the loss's counts are psum-med, BatchNorm statistics are
-pmean-ed, gradients are summed. Two wrappers run it:
+The per-device step is written once (`cxr_jax.train.train_step`) with
+named-axis collectives over `AXIS` ('data'). A back-end knows how to place
+the state and a batch and how to wrap that step:
 
-* `shard_map_step`: `jax.shard_map` inside `jax.jit` over a one-axis `Mesh`
-  of every device of every process. Batches are global `jax.Array`s built
-  from each process's share with `jax.make_array_from_process_local_data`.
-* `pmap_step`: `jax.pmap` over the local devices; batches carry a leading
-  local-device axis.
+* `ShardMap` (default): `jax.shard_map` inside `jax.jit` over a one-axis mesh
+  of every device of every process (`jax.make_mesh`). Batches are global
+  `jax.Array`s built from each process's share with
+  `jax.make_array_from_process_local_data`.
+* `Pmap`: `jax.pmap` over the local devices with `in_axes=(None, 0)` and
+  unmapped outputs (flax's imagenet example at HEAD): the state stays one
+  logical copy, so there is no replicate/unreplicate plumbing, and metrics
+  come back as scalars.
+
+Both return the state and the metrics replicated over all devices, so the
+loop, the checkpoints and the analysis never ask which back-end ran.
+
+Inference needs no collectives: `cxr_jax.inference` runs plain `jit` on
+arrays sharded with `batch_sharding`.
 
 Multi-host: `initialize_distributed` calls `jax.distributed.initialize()`
 before any device is touched, from flags, from the CXR_JAX_* environment, or
@@ -17,17 +26,20 @@ with no arguments (SLURM and Cloud TPU are detected by JAX).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
 AXIS = "data"
+BACKENDS = ("shard_map", "pmap")
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -60,10 +72,15 @@ def initialize_distributed(coordinator_address: str | None = None,
            jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A one-axis mesh over all devices (of every process)."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all devices of every process).
+
+  Auto axes: the steps place every collective themselves (shard_map), and
+  inference lets jit propagate the batch sharding.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,),
+                       devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -81,22 +98,6 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict:
           for k, v in local.items()}
 
 
-def shard_map_step(per_device: Callable, mesh: Mesh, out_specs,
-                   donate_state: bool = True) -> Callable:
-  """jit(shard_map(per_device)) with a replicated state and a data-sharded
-  batch; returns a function of (state, global batch)."""
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
-                         out_specs=out_specs)
-  return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
-
-
-def pmap_step(per_device: Callable, donate_state: bool = True) -> Callable:
-  """pmap(per_device) over local devices; state and batch carry a leading
-  device axis (see `replicate_pmap` and `split_for_pmap`)."""
-  return jax.pmap(per_device, axis_name=AXIS,
-                  donate_argnums=(0,) if donate_state else ())
-
-
 def process_rows(array: jax.Array) -> np.ndarray:
   """This process's rows of an array sharded over 'data', in order."""
   shards = sorted(array.addressable_shards,
@@ -106,40 +107,87 @@ def process_rows(array: jax.Array) -> np.ndarray:
 
 def all_process_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
   """Each process's rows, concatenated in process order, on every process
-  (identity with one process). Evaluation gathers its predictions with it."""
+  (identity with one process)."""
   if jax.process_count() == 1:
     return arrays
-  from jax.experimental import multihost_utils
   return tuple(np.concatenate(multihost_utils.process_allgather(a))
                for a in arrays)
 
 
-def replicate_pmap(tree: Any) -> Any:
-  """One copy per local device along a new leading axis, already placed on
-  the devices (pmap, now jit(shard_map), then uses it without a transfer)."""
-  devices = jax.local_devices()
-  sharding = NamedSharding(Mesh(np.array(devices), ("local",)), P("local"))
-
-  def put(x):
-    x = np.asarray(x)
-    return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape),
-                          sharding)
-
-  return jax.tree_util.tree_map(put, tree)
+def mesh_context(mesh: Mesh):
+  """`jax.set_mesh(mesh)` as a context where this JAX has it."""
+  if hasattr(jax, "set_mesh"):
+    return jax.set_mesh(mesh)
+  return contextlib.nullcontext()
 
 
-def unreplicate_pmap(tree: Any) -> Any:
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
+class ShardMap:
+  """jit(shard_map(step)) over a mesh of all devices (of every process)."""
+
+  name = "shard_map"
+
+  def __init__(self, devices: Sequence[jax.Device] | None = None):
+    self.mesh = make_mesh(devices)
+    self.num_devices = self.mesh.size
+
+  def put_state(self, state: Any) -> Any:
+    return jax.device_put(state, replicated(self.mesh))
+
+  def put_batch(self, local: dict[str, np.ndarray]) -> dict:
+    return global_batch(local, self.mesh)
+
+  def wrap_step(self, per_device: Callable, donate_state: bool = True
+                ) -> Callable:
+    mapped = jax.shard_map(per_device, mesh=self.mesh,
+                           in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+    return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
 
-def split_for_pmap(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """[local batch, ...] -> [local devices, per-device batch, ...]."""
-  n = jax.local_device_count()
+class Pmap:
+  """pmap(step, in_axes=(None, 0)) over this process's devices."""
 
-  def split(x):
-    if x.shape[0] % n:
-      raise ValueError(f"local batch {x.shape[0]} not divisible by {n} "
-                       f"local devices")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  name = "pmap"
 
-  return {k: split(v) for k, v in local.items()}
+  def __init__(self, devices: Sequence[jax.Device] | None = None):
+    local = jax.local_devices()
+    if devices is not None and list(devices) != local[:len(devices)] or (
+        devices is not None and len(devices) != len(local)):
+      raise ValueError("config.parallel='pmap' runs on all local devices; "
+                       "choose 'shard_map' to use a subset")
+    self.devices = local
+    self.num_devices = jax.device_count()
+    # The state lives replicated on the local devices, as pmap's unmapped
+    # outputs leave it, so the first step needs no transfer.
+    self.mesh = make_mesh(local) if jax.process_count() == 1 else None
+
+  def put_state(self, state: Any) -> Any:
+    if self.mesh is None:
+      return state
+    return jax.device_put(state, replicated(self.mesh))
+
+  def put_batch(self, local: dict[str, np.ndarray]) -> dict:
+    """[local batch, ...] -> [local devices, per-device batch, ...]."""
+    n = len(self.devices)
+
+    def split(x):
+      if x.shape[0] % n:
+        raise ValueError(f"local batch {x.shape[0]} not divisible by {n} "
+                         f"local devices")
+      return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return {k: split(v) for k, v in local.items()}
+
+  def wrap_step(self, per_device: Callable, donate_state: bool = True
+                ) -> Callable:
+    return jax.pmap(per_device, axis_name=AXIS, in_axes=(None, 0),
+                    out_axes=(None, None), devices=self.devices,
+                    donate_argnums=(0,) if donate_state else ())
+
+
+def make_backend(name: str, devices: Sequence[jax.Device] | None = None):
+  """The back-end `name` ('shard_map' or 'pmap', config.parallel)."""
+  if name == "shard_map":
+    return ShardMap(devices)
+  if name == "pmap":
+    return Pmap(devices)
+  raise ValueError(f"config.parallel must be one of {BACKENDS}, got {name!r}")

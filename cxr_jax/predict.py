@@ -15,16 +15,14 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cxr_jax import cam, inference
 from cxr_jax import labels as L
-from cxr_jax.data import pipeline, tfds_builder
+from cxr_jax.data import tfds_builder
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
-CHUNK = 8  # images per jitted call: a fixed shape, so one compilation
 
 
 class ImageReadError(ValueError):
@@ -90,47 +88,13 @@ def read_film(path: str, size: int) -> np.ndarray:
   return np.asarray(gray, np.uint8)[..., None]
 
 
-class Predictor:
-  """A restored run, jitted once: films in, 14 probabilities (and CAMs) out."""
-
-  def __init__(self, workdir: str, which: str = "best"):
-    from cxr_jax import checkpoint, train
-    self.variables, self.config = checkpoint.restore(workdir, which)
-    self.model = train.build_model(self.config, None)
-    self.size = int(self.config.image_size)
-    # The map a CAM weights: the transition layer's when the model has one.
-    self.feature_name = ("transition" if self.model.transition_channels
-                         else "Mixed_7c")
-
-    def forward(variables, images):
-      logits, feats = self.model.apply(
-          variables, pipeline.to_model_input(images), train=False,
-          return_features=True)
-      return (jax.nn.sigmoid(logits[:, :L.NUM_DISEASES]),
-              feats[self.feature_name])
-
-    self._forward = jax.jit(forward)
-
-  def __call__(self, films: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, S, S, 1] -> (probabilities [N, 14], feature maps)."""
-    probs, feats = [], []
-    for start in range(0, len(films), CHUNK):
-      chunk = films[start:start + CHUNK]
-      padded = np.zeros((CHUNK, *films.shape[1:]), np.uint8)
-      padded[:len(chunk)] = chunk
-      p, f = self._forward(self.variables, jnp.asarray(padded))
-      probs.append(np.asarray(p)[:len(chunk)])
-      feats.append(np.asarray(f, np.float32)[:len(chunk)])
-    return np.concatenate(probs), np.concatenate(feats)
-
-
 def predict_files(workdir: str, paths: Sequence[str], which: str = "best",
                   cam_dir: str | None = None, top: int = 3,
                   threshold: int = 200) -> dict[str, Any]:
   """{'results': [{image, probabilities, top[, cams]}], 'errors': [{image,
   error}], 'step'}; results keep the order of `paths`."""
-  from cxr_jax import localization
-  predictor = Predictor(workdir, which)
+  cam.check_threshold(threshold)
+  predictor = inference.Predictor(workdir, which)
   films, readable, errors = [], [], []
   for path in paths:
     try:
@@ -140,8 +104,8 @@ def predict_files(workdir: str, paths: Sequence[str], which: str = "best",
       errors.append({"image": path, "error": str(e)})
   results = []
   if readable:
-    probs, feats = predictor(np.stack(films))
-    kernel = np.asarray(predictor.variables["params"]["head"]["kernel"])
+    probs, class_maps = predictor(np.stack(films))
+    stems = _overlay_stems(readable)
     if cam_dir:
       os.makedirs(cam_dir, exist_ok=True)
     for i, path in enumerate(readable):
@@ -152,19 +116,29 @@ def predict_files(workdir: str, paths: Sequence[str], which: str = "best",
                "top": [L.DISEASES[c] for c in order]}
       if cam_dir:
         entry["cams"] = {}
-        stem = os.path.splitext(os.path.basename(path))[0]
         for c in order:
-          heat, box = localization.cam_box(
-              feats[i], kernel, int(c), predictor.size, threshold,
-              output_stride=predictor.model.output_stride)
-          out = os.path.join(cam_dir, f"{stem}_{L.DISEASES[c].replace(' ', '_')}.png")
-          localization.overlay(films[i][..., 0], heat, None, box, out,
-                               f"{os.path.basename(path)}: {L.DISEASES[c]} "
-                               f"p={probs[i, c]:.3f}")
+          heat, box = cam.cam_box(class_maps[i, ..., c], predictor.size,
+                                  predictor.grid, threshold)
+          out = os.path.join(
+              cam_dir, f"{stems[i]}_{L.DISEASES[c].replace(' ', '_')}.png")
+          cam.overlay(films[i][..., 0], heat, None, box, out,
+                      f"{os.path.basename(path)}: {L.DISEASES[c]} "
+                      f"p={probs[i, c]:.3f}")
           entry["cams"][L.DISEASES[c]] = {"overlay": out, "box": box}
       results.append(entry)
-  return {"results": results, "errors": errors,
-          "step": int(predictor.config.restored_step)}
+  return {"results": results, "errors": errors, "step": predictor.step}
+
+
+def _overlay_stems(paths: Sequence[str]) -> list[str]:
+  """File stems for the overlays, made unique: `a/dup.png` and `b/dup.png`
+  become `dup` and `dup_2` rather than one overwriting the other."""
+  seen: dict[str, int] = {}
+  stems = []
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    seen[stem] = seen.get(stem, 0) + 1
+    stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+  return stems
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:

@@ -4,7 +4,7 @@
 # Assumes: cxr_jax installed in the active Python environment, a prepared
 # dataset, and (for transfer rows) converted ImageNet weights.
 #
-#   launch/local.sh configs/table2_cwcel_at.py WORKDIR [--config.KEY=VALUE ...]
+#   launch/local.sh configs/paper.py:table2_cwcel_at WORKDIR [--config.KEY=VALUE ...]
 #   DRY_RUN=1 launch/local.sh ...   # print the command only
 set -euo pipefail
 config=${1:?usage: local.sh CONFIG WORKDIR [overrides...]}

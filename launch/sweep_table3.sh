@@ -12,7 +12,7 @@ weights=${2:?}; root=${3:?}
 shift 3
 here=$(cd "$(dirname "$0")" && pwd)
 for trial in 0 1 2 3 4 5; do
-  cmd=("$here/local.sh" "$here/../configs/table2_cwcel_at.py"
+  cmd=("$here/local.sh" "$here/../configs/paper.py:table2_cwcel_at"
        "$root/trial_$trial" "--config.data_dir=$data"
        "--config.init_weights=$weights" "--config.split_scheme=paper"
        "--config.split_seed=$trial" "$@")

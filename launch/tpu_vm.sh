@@ -5,7 +5,7 @@
 # with cxr_jax installed (pip install -e ~/cxr_jax), and DATA / WORKDIR are on
 # a filesystem every worker reads (e.g. a mounted bucket).
 #
-#   launch/tpu_vm.sh TPU_NAME ZONE configs/table2_cwcel_at.py WORKDIR [overrides]
+#   launch/tpu_vm.sh TPU_NAME ZONE configs/paper.py:table2_cwcel_at WORKDIR [overrides]
 #   DRY_RUN=1 launch/tpu_vm.sh ...   # print the command only
 set -euo pipefail
 tpu=${1:?usage: tpu_vm.sh TPU_NAME ZONE CONFIG WORKDIR [overrides...]}

@@ -24,22 +24,23 @@ from cxr_jax import parallel  # noqa: E402
 if nproc > 1:
   parallel.initialize_distributed(f"localhost:{port}", nproc, pid)
 
-import test_train as T  # noqa: E402
+import conftest as T  # noqa: E402
 from cxr_jax import train  # noqa: E402
 
-config = T._config()
+config = T.train_config()
 trainer = train.Trainer(config, model_fn=T.small_model)
 state = trainer.init_state(jax.random.key(0))
 losses = []
-for batch in T._batches():
+for batch in T.random_batches():
   share = len(batch["mask"]) // nproc
   local = {k: v[pid * share:(pid + 1) * share] for k, v in batch.items()}
   state, m = trainer.train(state, local)
   losses.append(float(m["loss"]))
-host = jax.device_get(trainer.host_state(state))
+params = jax.tree_util.tree_leaves(state.params)
+stats = jax.tree_util.tree_leaves(state.batch_stats)
 if pid == 0:
-  flat = {f"param_{i}": np.asarray(x) for i, x in
-          enumerate(jax.tree_util.tree_leaves(host.params))}
-  flat.update({f"stats_{i}": np.asarray(x) for i, x in
-               enumerate(jax.tree_util.tree_leaves(host.batch_stats))})
+  # Replicated arrays span every process's devices: read this process's copy.
+  local_copy = lambda x: np.asarray(x.addressable_data(0))
+  flat = {f"param_{i}": local_copy(x) for i, x in enumerate(params)}
+  flat.update({f"stats_{i}": local_copy(x) for i, x in enumerate(stats)})
   np.savez(out, losses=np.array(losses), devices=jax.device_count(), **flat)

@@ -105,3 +105,26 @@ def test_compare_names_the_folder_without_an_evaluation(runs, tmp_path):
   with pytest.raises(ValueError, match="--names has 1 entries for 2 runs"):
     compare.compare([str(root / "good"), str(root / "poor")], ["a"],
                     out_dir=str(tmp_path / "o"))
+
+
+def test_paper_rows_print_beside_the_measured_columns(runs, tmp_path):
+  """A run trained from configs/paper.py records its row in metrics.json;
+  evaluate prints the paper's AUCs and compare adds the row as a column."""
+  from configs import paper
+  root, y, good, _, _ = runs
+  row = paper.get_config("table2_cwcel_at").paper.to_dict()
+  names = [f"{i:08d}_000.png" for i in range(len(y))]
+  result = evaluation.write_results(str(tmp_path / "p"), names, good, y,
+                                    split="test", which="best", step=1,
+                                    num_resamples=20, paper=row)
+  assert "paper" in result["table"].splitlines()[0]
+  assert "0.8325" in result["table"].splitlines()[-1]
+  out = compare.compare([str(tmp_path / "p"), str(root / "poor")],
+                        ["ours", "poor"], out_dir=str(tmp_path / "cmp"))
+  lines = out["markdown"].splitlines()
+  header = next(l for l in lines if l.startswith("| Pathology"))
+  assert header.endswith("| paper: Table 2 CW-CEL(AT) |")
+  hernia = next(l for l in lines if l.startswith("| Hernia"))
+  assert hernia.endswith("| 0.8728 |")
+  mean = next(l for l in lines if l.startswith("| **AUC(Mean)**"))
+  assert mean.endswith("| 0.8325 |")

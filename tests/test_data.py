@@ -344,7 +344,7 @@ def test_model_input_is_three_channels_in_minus_one_one():
   import jax.numpy as jnp
   x = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1)
   dev = np.asarray(pipeline.to_model_input(jnp.asarray(x)))
-  host = pipeline.to_model_input_host(x)
+  host = np.repeat(x.astype(np.float32) / 127.5 - 1.0, 3, axis=-1)
   assert dev.shape == (1, 1, 3, 3)
   np.testing.assert_allclose(dev[0, 0, :, 0], [-1, 128 / 127.5 - 1, 1],
                              atol=1e-6)

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.receptive_field import mass_radius
 from cxr_jax import labels
 from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
+from cxr_jax.models.inception_v3 import feature_grid
 
 
 def _shapes(model, size):
@@ -49,6 +51,55 @@ def test_features_are_reachable_by_name_at_any_size(size, grid):
   assert feats[FEATURE_MAP].shape == (2, grid, grid, 2048)
   np.testing.assert_allclose(feats["pooled"],
                              feats[FEATURE_MAP].mean(axis=(1, 2)), rtol=1e-6)
+  # The class maps are the head on every cell; their mean is the logits.
+  assert feats["class_maps"].shape == (2, grid, grid, 15)
+  np.testing.assert_allclose(feats["class_maps"].mean(axis=(1, 2)), logits,
+                             atol=1e-5)
+  assert model.feature_grid(size)[0] == grid
+
+
+def test_transition_head_pools_with_the_configured_lse_r():
+  """Table 2's CEL(tran.): LSE pooling of the transition map with
+  `lse_r`, then the head (a constant r would ignore config.model.lse_r)."""
+  x = jax.random.uniform(jax.random.key(1), (2, 107, 107, 3), minval=-1)
+  logits = {}
+  for r in (2.0, 10.0):
+    model = InceptionV3(num_classes=15, depth_multiplier=0.125,
+                        transition_channels=16, lse_r=r)
+    variables = model.init(jax.random.key(0), x)
+    logits[r], feats = model.apply(variables, x, return_features=True)
+    t = np.asarray(feats["transition"], np.float64)
+    pooled = np.log(np.exp(r * t).mean((1, 2))) / r
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(
+        logits[r], pooled @ np.asarray(head["kernel"]) + head["bias"],
+        rtol=1e-4, atol=1e-5)
+  assert not np.allclose(logits[2.0], logits[10.0])
+
+
+def test_registry_builds_by_name_and_names_a_bad_option():
+  from cxr_jax import models
+  model = models.build("inception_v3", num_classes=15, depth_multiplier=0.25)
+  assert isinstance(model, InceptionV3) and model.depth_multiplier == 0.25
+  with pytest.raises(models.ModelConfigError, match="config.model.depth"):
+    models.build("inception_v3", depth=50)
+  with pytest.raises(models.ModelConfigError, match="config.model_name"):
+    models.build("inception_v9")
+
+
+@pytest.mark.parametrize("norm", ["inception", "torch", "caffe",
+                                  "caffe_bn_inception"])
+def test_input_norms_map_minus_one_one_to_what_weights_expect(norm):
+  from cxr_jax.models import common
+  pixels = np.array([0.0, 64.0, 255.0])
+  x = np.stack([pixels, pixels + 1, pixels + 2], -1)  # R, G, B
+  got = np.asarray(common.normalize_input(jnp.asarray(x / 127.5 - 1), norm))
+  order, mean, std = common.INPUT_NORMS[norm]
+  rgb = x[..., ::-1] if order == "BGR" else x
+  want = (rgb - np.asarray(mean)) / np.asarray(std)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  if norm == "inception":
+    np.testing.assert_allclose(got, x / 127.5 - 1, atol=1e-6)
 
 
 def test_rejects_inputs_below_75_pixels():
@@ -110,7 +161,6 @@ def test_depth_multiplier_thins_every_layer_like_tf_slim():
 @pytest.mark.parametrize("output_stride", [32, 16])
 @pytest.mark.parametrize("size", [75, 139, 171, 299, 331])
 def test_feature_grid_matches_mixed_7c(size, output_stride):
-  from cxr_jax.models.inception_v3 import feature_grid
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                       output_stride=output_stride)
   out = jax.eval_shape(
@@ -170,8 +220,6 @@ def _centre_cell_gradient_radius(model, size=299):
   """Radius (px) around the centre Mixed_7c cell that holds half of the
   input-gradient mass of that cell's features: its effective receptive
   field (Luo et al. 2016)."""
-  from cxr_jax.localization import mass_radius
-  from cxr_jax.models.inception_v3 import feature_grid
   x = jax.random.uniform(jax.random.key(2), (1, size, size, 3), minval=-1)
   variables = model.init(jax.random.key(0), x)
   cells, offset, stride = feature_grid(size)

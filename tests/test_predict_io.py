@@ -5,35 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_dicom
 from cxr_jax import predict
 from cxr_jax.data import tfds_builder
-
-
-def write_dicom(path, stored: np.ndarray, photometric: str, *,
-                window=None, slope=1.0, intercept=0.0):
-  """A minimal single-frame DICOM (explicit VR little endian, 12-bit)."""
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import (ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
-                           generate_uid)
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = meta.MediaStorageSOPClassUID
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.Modality = "DX"
-  ds.Rows, ds.Columns = stored.shape
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = photometric
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-  ds.PixelRepresentation = 0
-  ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-  if window is not None:
-    ds.WindowCenter, ds.WindowWidth = window
-  ds.PixelData = stored.astype(np.uint16).tobytes()
-  ds.save_as(path, enforce_file_format=True)
 
 
 def _gray_ramp(size=64):

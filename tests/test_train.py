@@ -10,108 +10,41 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxr_jax import checkpoint, train
+from conftest import (ROOT, SmallNet, random_batches, rel_error, run_steps,
+                      small_model, train_config)
+from cxr_jax import (checkpoint, inference, losses, models, optim, parallel,
+                     train)
 from cxr_jax import labels as L
 from cxr_jax.config import apply_overrides, load_config
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class SmallNet(nn.Module):
-  """Conv + synchronised BatchNorm + head: the collectives of InceptionV3's
-  training step at a fraction of its compile time."""
-
-  num_classes: int = 15
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.Conv(8, (3, 3), strides=(2, 2), use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train, use_scale=False,
-                     epsilon=1e-3, momentum=0.9,
-                     axis_name=self.bn_axis_name if train else None)(x)
-    x = nn.relu(x)
-    x = nn.Conv(16, (3, 3), strides=(2, 2), use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train, use_scale=False,
-                     epsilon=1e-3, momentum=0.9,
-                     axis_name=self.bn_axis_name if train else None)(x)
-    x = nn.relu(x).mean(axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
-
-
-def small_model(config, axis_name):
-  return SmallNet(bn_axis_name=axis_name if config.sync_batch_stats else None)
-
-
-def _config(**overrides):
-  c = load_config(str(ROOT / "configs" / "tiny.py"))
-  # SGD: Adam and Adadelta divide by |g|, which turns float rounding in
-  # near-zero gradients into sign flips; a linear update can be compared to
-  # float32 tolerance.
-  c.optimizer, c.learning_rate = "sgd", 0.05
-  c.image_size, c.batch_size = 75, 16
-  c.loss = "cw_cel_fine_grained"  # per-class counts: the strictest case
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def _batches(n=3, size=75, batch=16, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    labels = (rng.random((batch, 15)) < 0.2).astype(np.float32)
-    out.append({"image": rng.integers(0, 256, (batch, size, size, 1)).astype(
-        np.uint8), "labels": labels, "mask": np.ones(batch, np.float32)})
-  return out
-
-
-def _run(config, num_devices, batches, model_fn=small_model):
-  trainer = train.Trainer(config, num_devices=num_devices, model_fn=model_fn)
-  state = trainer.init_state(jax.random.key(0))
-  init = jax.device_get(trainer.host_state(state).params)
-  losses = []
-  for b in batches:
-    state, m = trainer.train(state, b)
-    losses.append(float(m["loss"]))
-  host = jax.device_get(trainer.host_state(state))
-  delta = jax.tree_util.tree_map(lambda a, b: a - b, host.params, init)
-  return losses, delta, host.batch_stats
-
-
-def _rel(a, b):
-  a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(a)])
-  b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(b)])
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_eight_devices_equal_one(mode):
-  batches = _batches()
-  ref = _run(_config(parallel="shard_map"), 1, batches)
-  got = _run(_config(parallel=mode), 8 if mode == "shard_map" else None,
+  batches = random_batches()
+  ref = run_steps(train_config(parallel="shard_map"), 1, batches)
+  got = run_steps(train_config(parallel=mode), 8 if mode == "shard_map" else None,
              batches)
   err = {"loss": max(abs(a - b) / abs(b) for a, b in zip(got[0], ref[0])),
-         "param_updates": _rel(got[1], ref[1]),
-         "batch_stats": _rel(got[2], ref[2])}
+         "param_updates": rel_error(got[1], ref[1]),
+         "batch_stats": rel_error(got[2], ref[2])}
   print(f"{mode} x8 vs 1 device after 3 steps: {err}")
   assert max(err.values()) < 1e-5, err
 
 
 def test_without_sync_batch_stats_devices_differ():
   """The BN sync is what makes N devices equal one (the test can fail)."""
-  batches = _batches()
-  ref = _run(_config(), 1, batches)
-  got = _run(_config(sync_batch_stats=False), 8, batches)
-  assert _rel(got[1], ref[1]) > 1e-3  # per-device normalisation differs
+  batches = random_batches()
+  ref = run_steps(train_config(), 1, batches)
+  got = run_steps(train_config(sync_batch_stats=False), 8, batches)
+  assert rel_error(got[1], ref[1]) > 1e-3  # per-device normalisation differs
 
 
+@pytest.mark.slow
 def test_inception_v3_eight_devices_equal_one_in_float64():
   """InceptionV3's real step, 8 devices vs 1, in float64 (a subprocess: x64
   must be set before JAX starts).
@@ -134,14 +67,14 @@ def test_inception_v3_eight_devices_equal_one_in_float64():
 
 
 def test_nonfinite_updates_are_skipped_and_counted():
-  c = _config(loss="w_cel_faithful", nonfinite="skip")
+  c = train_config(loss="w_cel_faithful", nonfinite="skip")
   trainer = train.Trainer(c, num_devices=2, model_fn=small_model)
   state = trainer.init_state(jax.random.key(0))
-  before = jax.device_get(trainer.host_state(state).params)
-  b = _batches(1)[0]
+  before = jax.device_get(state.params)
+  b = random_batches(1)[0]
   b["labels"][:] = 0  # no positive: the faithful W-CEL is NaN
   state, m = trainer.train(state, b)
-  host = jax.device_get(trainer.host_state(state))
+  host = jax.device_get(state)
   assert not bool(m["finite"]) and int(host.nonfinite_steps) == 1
   assert int(host.step) == 1
   for x, y in zip(jax.tree_util.tree_leaves(host.params),
@@ -149,18 +82,99 @@ def test_nonfinite_updates_are_skipped_and_counted():
     np.testing.assert_array_equal(x, y)
 
 
+def test_pmap_keeps_one_logical_state_and_scalar_metrics():
+  """pmap with in_axes=(None, 0): no per-device copies to unreplicate, so
+  the loop reads a counter without moving the state to the host."""
+  trainer = train.Trainer(train_config(parallel="pmap"), model_fn=small_model)
+  state = trainer.init_state(jax.random.key(0))
+  shapes = jax.tree_util.tree_map(np.shape, state.params)
+  state, m = trainer.train(state, random_batches(1)[0])
+  assert jax.tree_util.tree_map(np.shape, state.params) == shapes
+  assert np.shape(state.nonfinite_steps) == () and np.shape(m["loss"]) == ()
+  assert int(state.step) == 1
+
+
+def test_validation_weights_each_batch_by_its_global_images():
+  """On several hosts a batch's loss is global, so its weight must be the
+  global image count (the forward pass returns it), not this host's."""
+
+  def fake(variables, batch):
+    del variables
+    n = len(batch["mask"])
+    return {"probs": np.zeros((n, 15)), "loss": batch["loss"],
+            "images": batch["global_images"]}
+
+  batches = []
+  for loss, local, global_ in ((1.0, 4, 8), (3.0, 1, 2)):
+    mask = np.zeros(4, np.float32)
+    mask[:local] = 1
+    batches.append({"mask": mask, "labels": np.zeros((4, 15)),
+                    "index": np.arange(4), "loss": loss,
+                    "global_images": float(global_)})
+  out = inference.predict_batches(fake, None, batches)
+  assert out["loss"] == pytest.approx((1.0 * 8 + 3.0 * 2) / 10)
+  assert len(out["probs"]) == 5
+
+
 def test_config_overrides_are_typed_and_checked():
   c = load_config(str(ROOT / "configs" / "default.py"),
                   ["--config.batch_size=64", "config.aux_task=false",
-                   "learning_rate=0.5", "parallel=pmap"])
+                   "learning_rate=0.5", "parallel=pmap",
+                   "model.output_stride=16", "model.conv_init=delta"])
   assert (c.batch_size, c.aux_task, c.learning_rate, c.parallel) == (
       64, False, 0.5, "pmap")
+  # config.model is open: its keys are checked by the model they build.
+  assert (c.model.output_stride, c.model.conv_init) == (16, "delta")
   with pytest.raises(KeyError, match="unknown config key 'batchsize'"):
     apply_overrides(c, ["batchsize=3"])
-  for path in sorted((ROOT / "configs").glob("*.py")):
-    if path.name != "__init__.py":
-      cfg = load_config(str(path))
-      assert cfg.loss and cfg.num_train_steps > 0, path.name
+  c.model.not_an_option = 1
+  with pytest.raises(models.ModelConfigError,
+                     match="config.model.not_an_option"):
+    models.from_config(c)
+
+
+def test_every_config_builds_its_model_and_optimizer():
+  """Each config file, and each row of configs/paper.py, loads, names a
+  registered backbone whose options it fits, and a working optimizer."""
+  from configs import paper
+  paths = [str(p) for p in sorted((ROOT / "configs").glob("*.py"))
+           if p.name not in ("__init__.py", "paper.py")]
+  paths += [f"{ROOT / 'configs' / 'paper.py'}:{row}" for row in paper.ROWS]
+  for path in paths:
+    c = load_config(path)
+    assert c.loss in losses.LOSSES, path
+    assert c.model_name in models.MODELS, (path, c.model_name)
+    model = models.from_config(c)
+    assert model.num_classes == L.NUM_OUTPUTS
+    optim.from_config(c)
+  with pytest.raises(ValueError, match="table2_cwcel_at"):
+    load_config(str(ROOT / "configs" / "paper.py"))
+
+
+def test_paper_rows_match_the_paper():
+  """Every row's 14 AUCs average to its printed mean (to rounding), or its
+  note says where the paper disagrees with itself."""
+  from configs import paper
+  c = load_config(f"{ROOT / 'configs' / 'paper.py'}:table2_cwcel_at")
+  assert (c.loss, c.aux_task, c.num_train_steps, c.transfer) == (
+      "cw_cel", True, 9000, True)
+  assert c.paper.mean_auc == 0.8325 and c.paper.auc[L.INDEX["Hernia"]] == (
+      0.8728)
+  nt = paper.get_config("table1_wcel_nt")
+  assert (nt.transfer, nt.num_train_steps, nt.loss) == (
+      False, 23000, "w_cel_faithful")
+  assert paper.get_config("table2_cel_transition").model.transition_channels
+  assert paper.get_config("table6_resnet50").model_name == "resnet50"
+  for row in paper.ROWS:
+    p = paper.get_config(row).paper
+    if p.auc is None:
+      continue
+    assert len(p.auc) == L.NUM_DISEASES
+    computed = float(np.mean(p.auc))
+    if abs(computed - p.mean_auc) > 5e-4:
+      assert f"average {computed:.4f}" in p.note, (row, computed, p.note)
+    else:
+      assert "average" not in p.note, (row, p.note)
 
 
 # ------------------------------------------------------- end to end (CLI)
@@ -210,6 +224,7 @@ def _wait_for_checkpoint(workdir, proc, at_least=4, timeout=300):
   raise TimeoutError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
                                                                  tmp_path):
   env = _env()
@@ -274,6 +289,7 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
   assert (ref_dir / "tensorboard").is_dir()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   """jax.distributed on localhost (gloo CPU collectives): 2 processes x 2
   devices, each feeding only its share, equal 1 process x 4 devices."""
@@ -302,10 +318,41 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
                                  atol=1e-7, err_msg=key)
 
 
+def test_loop_on_a_small_model_resumes_with_its_best_and_analyses(
+    tiny_data, tmp_path, monkeypatch):
+  """train_and_evaluate end to end in-process on a small registered model:
+  validation, checkpoints, a resume whose summary keeps the best it had,
+  and evaluate/localize/predict through the one inference path."""
+  from cxr_jax import evaluation, localization, predict
+  monkeypatch.setitem(models.MODELS, "small_net", (SmallNet, {}))
+  c = train_config(data_dir=tiny_data, model_name="small_net",
+                   num_train_steps=8, eval_every_steps=4,
+                   checkpoint_every_steps=4, log_every_steps=4, batch_size=8,
+                   loader_threads=1, optimizer="adam", learning_rate=1e-3,
+                   loss="cw_cel")
+  c.model = {"dtype": "float32"}
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(c, workdir)
+  assert first["step"] == 8 and first["best_step"] in (4, 8)
+  assert np.isfinite(first["best_val_mean_auc"])
+  resumed = train.train_and_evaluate(c, workdir)  # nothing left to train
+  assert resumed["best_step"] == first["best_step"]
+  assert resumed["best_val_mean_auc"] == first["best_val_mean_auc"]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
+  assert all(np.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
+  ev = evaluation.evaluate(workdir, "best", "val", num_resamples=20)
+  assert ev["num_images"] > 0
+  loc = localization.localize(workdir, max_overlays=1)
+  assert loc["boxes"] > 0
+  with pytest.raises(ValueError, match="threshold"):
+    localization.localize(workdir, threshold=300)
+
+
 def test_cosine_schedule_reaches_zero_at_the_last_step():
-  c = _config(optimizer="sgd", learning_rate=0.5, num_train_steps=4,
+  c = train_config(optimizer="sgd", learning_rate=0.5, num_train_steps=4,
               lr_schedule="cosine")
-  tx = train.build_optimizer(c)
+  tx = optim.from_config(c)
   params = jnp.zeros(())
   state = tx.init(params)
   moves = []
@@ -316,4 +363,4 @@ def test_cosine_schedule_reaches_zero_at_the_last_step():
   want = [0.5 * (1 + np.cos(np.pi * t / 4)) / 2 for t in range(5)]
   np.testing.assert_allclose(moves, want, atol=1e-7)
   with pytest.raises(ValueError, match="lr_schedule"):
-    train.build_optimizer(_config(lr_schedule="linear"))
+    optim.from_config(train_config(lr_schedule="linear"))

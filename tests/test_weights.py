@@ -9,36 +9,56 @@ import pytest
 
 from cxr_jax import cli, parity, weights
 from cxr_jax.models import FEATURE_MAP, InceptionV3
+from cxr_jax.parity import keras as keras_parity
+from cxr_jax.weights import common as weights_common
+from cxr_jax.weights import inception_v3 as iv3_weights
 
 TOLERANCE = 1e-4  # relative error, float32
+MAX_ABS = 1e-4    # max abs error on logits, float32
+REFERENCE = keras_parity.KERAS_REFERENCES["inception_v3"]
 
 
 @pytest.fixture(scope="module")
 def keras_files(tmp_path_factory):
   pytest.importorskip("keras")
-  model = parity.build_keras_reference(299, seed=3)
+  model = keras_parity.build_keras_reference(REFERENCE, 299, seed=3)
   tmp = str(tmp_path_factory.mktemp("keras"))
-  return model, parity.save_keras_weights(model, tmp)
+  return model, keras_parity.save_keras_weights(model, tmp, "inception_v3")
 
 
 @pytest.mark.parametrize("layout", ["legacy", "keras3"])
 def test_keras_parity_logits_and_mixed_7c(keras_files, layout, tmp_path):
   model, paths = keras_files
   out = str(tmp_path / "w.npz")
-  meta = weights.convert("keras", paths[layout], out)
+  meta = weights.convert("inception_v3", "keras", paths[layout], out)
   assert meta["layout"] == layout and meta["num_classes"] == 1000
+  assert weights.architecture(out) == ("inception_v3", {
+      "pool_include_padding": False, "input_norm": "inception"})
   variables = weights.load_pretrained(out)
   rng = np.random.default_rng(0)
-  for size in (299, 91):
-    reference = model if size == 299 else parity.keras_at_size(model, size)
+  # 224 and 299: SAME padding with stride 2 pads differently at even and
+  # odd sizes; 91 is near the smallest input.
+  for size in (299, 224, 91):
+    reference = (model if size == 299
+                 else keras_parity.keras_at_size(REFERENCE, model, size))
     x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
-    k_logits, k_map = parity.keras_outputs(reference, x)
-    f_logits, f_map = parity.flax_outputs(variables, x)
+    k_logits, k_map = keras_parity.keras_outputs(REFERENCE, reference, x)
+    f_logits, f_map = parity.common.flax_outputs("inception_v3", variables, x)
     err_logits = parity.relative_error(f_logits, k_logits)
     err_map = parity.relative_error(f_map, k_map)
-    print(f"{layout}@{size}: logits {err_logits:.2e}, "
+    print(f"{layout}@{size}: logits {err_logits:.2e} "
+          f"(max abs {parity.max_abs_error(f_logits, k_logits):.1e}), "
           f"{FEATURE_MAP} {err_map:.2e}")
     assert err_logits <= TOLERANCE and err_map <= TOLERANCE
+    assert parity.max_abs_error(f_logits, k_logits) <= MAX_ABS
+
+
+def test_parity_check_command_runs_for_inception_v3(capsys):
+  assert cli.main(["parity-check", "--model", "inception_v3", "--sizes",
+                   "91", "--batch", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "PASS: inception_v3" in out and "keras3@91/logits" in out
+  assert cli.main(["parity-check", "--model", "no_such_net"]) == 2
 
 
 def test_keras2_names_convert_identically(keras_files, tmp_path):
@@ -65,9 +85,10 @@ def test_keras2_names_convert_identically(keras_files, tmp_path):
         g.create_dataset(new, data=src[n][w][()])
         new_names.append(new.encode())
       g.attrs["weight_names"] = new_names
-  a, _ = weights.convert_keras(paths["legacy"])
-  b, _ = weights.convert_keras(renamed)
-  for x, y in zip(weights._flatten(a).values(), weights._flatten(b).values()):
+  a, _ = iv3_weights.convert_keras(paths["legacy"])
+  b, _ = iv3_weights.convert_keras(renamed)
+  for x, y in zip(weights_common.flatten(a).values(),
+                  weights_common.flatten(b).values()):
     np.testing.assert_array_equal(x, y)
 
 
@@ -76,20 +97,24 @@ def test_truncated_and_foreign_files_get_clear_errors(keras_files, tmp_path):
   truncated = tmp_path / "truncated.h5"
   truncated.write_bytes(open(paths["legacy"], "rb").read()[:50_000])
   with pytest.raises(weights.ConversionError, match="truncated.h5"):
-    weights.convert_keras(str(truncated))
+    iv3_weights.convert_keras(str(truncated))
   text = tmp_path / "notes.h5"
   text.write_text("not hdf5")
   with pytest.raises(weights.ConversionError, match="not a readable HDF5"):
-    weights.convert_keras(str(text))
+    iv3_weights.convert_keras(str(text))
   empty = tmp_path / "empty.h5"
   with h5py.File(empty, "w") as f:
     f.create_group("something")
   with pytest.raises(weights.ConversionError, match="neither a legacy"):
-    weights.convert_keras(str(empty))
+    iv3_weights.convert_keras(str(empty))
   with pytest.raises(FileNotFoundError, match="missing.h5"):
-    weights.convert_keras(str(tmp_path / "missing.h5"))
+    iv3_weights.convert_keras(str(tmp_path / "missing.h5"))
   assert cli.main(["convert-weights", "--source", "keras", "--input",
                    str(text), "--output", str(tmp_path / "o.npz")]) == 2
+  with pytest.raises(weights.ConversionError, match="--model"):
+    weights.convert("no_such_net", "keras", paths["legacy"], "o.npz")
+  with pytest.raises(weights.ConversionError, match="--source"):
+    weights.convert("inception_v3", "caffe", paths["legacy"], "o.npz")
 
 
 def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
@@ -98,7 +123,7 @@ def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
   import jax.numpy as jnp
   _, paths = keras_files
   out = str(tmp_path / "imagenet.npz")
-  weights.convert("keras", paths["legacy"], out)
+  weights.convert("inception_v3", "keras", paths["legacy"], out)
   model = InceptionV3(num_classes=15)
   init = model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
   with caplog.at_level(logging.INFO, logger="cxr_jax.weights"):
@@ -138,7 +163,7 @@ def test_cli_writes_a_loadable_file(keras_files, tmp_path, capsys):
                    paths["keras3"], "--output", out]) == 0
   assert "wrote" in capsys.readouterr().out
   assert weights.read_metadata(out)["source"] == "keras"
-  assert weights.model_kwargs(out) == {"pool_include_padding": False}
+  assert weights.architecture(out)[1]["pool_include_padding"] is False
   with pytest.raises(weights.ConversionError, match="not a converted"):
     bad = tmp_path / "bad.npz"
     bad.write_text("x")
@@ -170,10 +195,12 @@ def test_torchvision_parity(torchvision_file, transform_input, tmp_path):
   import torchvision_reference as ref
   sd, path = torchvision_file
   out = str(tmp_path / "tv.npz")
-  weights.convert("torchvision", path, out, transform_input=transform_input)
+  weights.convert("inception_v3", "torchvision", path, out,
+                  transform_input=transform_input)
   variables = weights.load_pretrained(out)
-  kwargs = weights.model_kwargs(out)
-  assert kwargs == {"pool_include_padding": True}
+  name, kwargs = weights.architecture(out)
+  assert name == "inception_v3" and kwargs == {"pool_include_padding": True,
+                                               "input_norm": "inception"}
   rng = np.random.default_rng(1)
   x = rng.uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
   x_torch = ref.imagenet_normalize((torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -202,9 +229,9 @@ def test_torchvision_errors(tmp_path):
   bad = tmp_path / "bad.pth"
   bad.write_bytes(b"\x00" * 100)
   with pytest.raises(weights.ConversionError, match="bad.pth"):
-    weights.convert_torchvision(str(bad))
+    iv3_weights.convert_torchvision(str(bad))
   partial = tmp_path / "partial.pth"
   torch.save({"fc.weight": torch.zeros(1000, 2048)}, partial)
   with pytest.raises(weights.ConversionError,
                      match="missing torchvision key 'Conv2d_1a_3x3.conv.weight'"):
-    weights.convert_torchvision(str(partial))
+    iv3_weights.convert_torchvision(str(partial))

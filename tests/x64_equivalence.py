@@ -9,13 +9,15 @@ os.environ["JAX_ENABLE_X64"] = "1"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import test_train as T  # noqa: E402
-from cxr_jax import train  # noqa: E402
+import conftest as T  # noqa: E402
+from cxr_jax import models  # noqa: E402
 
-batch = T._batches(n=1)
-c = T._config(learning_rate=1.0, dtype="float64", depth_multiplier=1.0)
-ref = T._run(c, 1, batch, model_fn=train.build_model)
-got = T._run(c, 8, batch, model_fn=train.build_model)
+batch = T.random_batches(n=1)
+c = T.train_config(learning_rate=1.0, model__dtype="float64",
+                   model__depth_multiplier=1.0)
+model_fn = lambda config, axis: models.from_config(config, axis)
+ref = T.run_steps(c, 1, batch, model_fn=model_fn)
+got = T.run_steps(c, 8, batch, model_fn=model_fn)
 print(json.dumps({"loss": abs(got[0][0] - ref[0][0]) / abs(ref[0][0]),
-                  "batch_stats": T._rel(got[2], ref[2]),
-                  "gradient": T._rel(got[1], ref[1])}))
+                  "batch_stats": T.rel_error(got[2], ref[2]),
+                  "gradient": T.rel_error(got[1], ref[1])}))

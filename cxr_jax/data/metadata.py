@@ -234,10 +234,14 @@ class NIHMetadata:
   test: list[str] | None
 
 
+# Where a prepared dataset keeps its copies of the NIH metadata files.
+METADATA_DIR = "nih_metadata"
+
+
 def read_all(directory: str) -> NIHMetadata:
   """Reads the metadata files of an NIH folder, or of a prepared dataset,
-  which keeps copies of them in `nih_metadata/`."""
-  copies = os.path.join(directory, "nih_metadata")
+  which keeps copies of them in METADATA_DIR."""
+  copies = os.path.join(directory, METADATA_DIR)
   if os.path.isdir(copies):
     directory = copies
   entries = read_data_entry(find_file(directory, DATA_ENTRY_NAMES))

@@ -202,8 +202,3 @@ def to_model_input(images):
   x = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
   return jnp.broadcast_to(x, x.shape[:-1] + (3,))
 
-
-def to_model_input_host(images: np.ndarray) -> np.ndarray:
-  """The same on the host, for comparison (benchmarks/data.py)."""
-  x = images.astype(np.float32) * (2.0 / 255.0) - 1.0
-  return np.repeat(x, 3, axis=-1)

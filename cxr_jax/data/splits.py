@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from cxr_jax import labels as L
+from cxr_jax.data import metadata
 from cxr_jax.data.metadata import Entries, NIHMetadata
 
 SCHEMES = ("paper", "patient", "official")
@@ -134,10 +135,29 @@ def read_splits(split_dir: str) -> Splits:
   return Splits(*parts)
 
 
+def for_dataset(config, prepared_names) -> tuple[dict[str, list[str]],
+                                                 dict[str, int]]:
+  """A run's train/val/test names restricted to the prepared images, with
+  the count of each split's images that were not prepared (e.g. a dataset
+  built with --allow_missing). From `config.split_dir`, or made from the
+  prepared dataset's metadata copy with the config's scheme and seed."""
+  if config.split_dir:
+    parts = read_splits(config.split_dir)
+  else:
+    meta = metadata.read_all(config.data_dir)
+    parts = make_splits(meta, config.split_scheme, config.split_seed,
+                        config.view or None)
+  present = set(prepared_names)
+  names, dropped = {}, {}
+  for split, listed in parts.as_dict().items():
+    names[split] = [n for n in listed if n in present]
+    dropped[split] = len(listed) - len(names[split])
+  return names, dropped
+
+
 def run(data_dir: str, scheme: str, seed: int, out_dir: str,
         view: str | None = None) -> dict:
   """The `cxr-jax splits` command: returns the summary it wrote."""
-  from cxr_jax.data import metadata
   meta = metadata.read_all(data_dir)
   splits = make_splits(meta, scheme, seed, view)
   summary = summarize(meta.entries, splits, scheme=scheme, seed=seed,

@@ -38,7 +38,6 @@ from cxr_jax.data import metadata as M
 log = logging.getLogger(__name__)
 
 SPLIT = "images"          # one TFDS split; train/val/test are name lists
-METADATA_DIR = "nih_metadata"
 
 
 class PrepareError(ValueError):
@@ -285,7 +284,7 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
   # Copies of the metadata files, so splits and evaluation need only `out`.
-  meta_dir = os.path.join(out, METADATA_DIR)
+  meta_dir = os.path.join(out, M.METADATA_DIR)
   os.makedirs(meta_dir, exist_ok=True)
   for names in (M.DATA_ENTRY_NAMES, [M.BBOX_NAME], [M.TRAIN_VAL_LIST],
                 [M.TEST_LIST]):

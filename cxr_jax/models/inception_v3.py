@@ -22,10 +22,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from cxr_jax.models.common import (LSE_R, Dtype, classifier_head,
+                                   grid_geometry, lse_pool, normalize_input)
 
 # Keras' BatchNormalization defaults: the ImageNet statistics were produced with
 # these, and Flax's `momentum` has the same meaning as Keras' (the weight of the
@@ -93,6 +93,9 @@ class BasicConv(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = BN_MOMENTUM
   conv_init: str = "lecun_normal"
+  # What the weights expect of the [-1, 1] input (models.common.INPUT_NORMS):
+  # Keras' and torchvision's pretrained InceptionV3 both take [-1, 1].
+  input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -278,19 +281,6 @@ def _mixed_7a_stride(output_stride: int) -> int:
   return output_stride // 16
 
 
-def _at_least_float32(x):
-  """bfloat16 -> float32; float64 (the exactness tests) stays float64."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _lse_pool(x, r: float):
-  """Log-mean-exp over the spatial axes: between the mean (r -> 0) and the
-  max (r -> inf)."""
-  x = _at_least_float32(x)
-  return (jax.nn.logsumexp(r * x, axis=(1, 2)) -
-          jnp.log(x.shape[1] * x.shape[2])) / r
-
-
 def feature_grid(size: int, output_stride: int = 32
                  ) -> tuple[int, float, float]:
   """(cells, offset, stride) of the Mixed_7c grid for `size`-px inputs.
@@ -302,13 +292,9 @@ def feature_grid(size: int, output_stride: int = 32
   this geometry.
   """
   layers = GRID_LAYERS[:-1] + ((3, _mixed_7a_stride(output_stride)),)
-  cells, offset, stride = size, 0.5, 1.0
-  for kernel, step in layers:
-    cells = (cells - kernel) // step + 1
-    offset += stride * (kernel - 1) / 2
-    stride *= step
-  return cells, offset, stride
-LSE_R = 10.0
+  return grid_geometry(size, [(k, s, "VALID") for k, s in layers])
+
+
 FEATURE_MAP = "Mixed_7c"  # the last convolutional map, 2048 channels, for CAM
 
 
@@ -331,8 +317,9 @@ class InceptionV3(nn.Module):
       network.
 
   Call `model.apply(variables, x, train=False)` with NHWC inputs in [-1, 1].
-  It returns logits; with `return_features=True` it returns
-  `(logits, {"Mixed_7c": map, "pooled": vector[, "aux_logits": ...]})`.
+  It returns logits; with `return_features=True` it returns `(logits, out)`
+  with out's 'class_maps', 'feature_map' and 'pooled' (models.common) plus
+  "Mixed_7c" (and "transition", "aux_logits" when the model has them).
   """
 
   num_classes: int = 1000
@@ -342,18 +329,14 @@ class InceptionV3(nn.Module):
   pool_include_padding: bool = False
   bn_axis_name: str | None = None
   # Wang et al. 2017's transition layer (Table 2's CEL(tran.) row): a 1x1 conv
-  # to this many channels, BN, ReLU, then log-sum-exp pooling with LSE_R.
+  # to this many channels, BN, ReLU, then log-sum-exp pooling with `lse_r`.
   transition_channels: int = 0
   # Keras' 0.99. A short run from scratch wants less: the running statistics
   # that inference uses lag the weights by ~1/(1 - momentum) steps.
   bn_momentum: float = BN_MOMENTUM
   # TF-slim's depth_multiplier: thins every convolution (see scaled_depth).
   depth_multiplier: float = 1.0
-  # 'avg': global average pooling, then the head (Keras, the paper). 'lse':
-  # the head scores every cell (the class activation maps themselves) and
-  # log-sum-exp pooling with `lse_r` turns each map into a logit. Max-like
-  # pooling rewards one strong cell rather than a broad plateau, so the maps
-  # that CAM reads are sharper (Wang et al. 2017 pool with LSE as well).
+  # 'avg' (Keras, the paper) or 'lse' (see models.common.classifier_head).
   head_pooling: str = "avg"
   lse_r: float = LSE_R
   # 32 is InceptionV3. 16 drops Mixed_7a's stride (as DeepLab does for
@@ -363,6 +346,9 @@ class InceptionV3(nn.Module):
   # How convolutions start when trained from scratch ('lecun_normal', Flax's
   # default, or 'delta'; see delta_init). Loaded weights replace either.
   conv_init: str = "lecun_normal"
+  # What the weights expect of the [-1, 1] input (models.common.INPUT_NORMS):
+  # Keras' and torchvision's pretrained InceptionV3 both take [-1, 1].
+  input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -378,7 +364,7 @@ class InceptionV3(nn.Module):
                   bn_momentum=self.bn_momentum, conv_init=self.conv_init)
     blocks = dict(common, depth_multiplier=self.depth_multiplier,
                   pool_include_padding=self.pool_include_padding)
-    x = x.astype(self.dtype)
+    x = normalize_input(x, self.input_norm).astype(self.dtype)
     for i, (name, features, kernel, strides, padding) in enumerate(STEM):
       x = BasicConv(scaled_depth(features, self.depth_multiplier), kernel,
                     strides, padding, name=name, **common)(x, train)
@@ -393,39 +379,20 @@ class InceptionV3(nn.Module):
         features["aux_logits"] = InceptionAux(
             num_classes=self.num_classes, name="AuxLogits", **blocks)(x, train)
     features[FEATURE_MAP] = x
+    pooling = self.head_pooling
     if self.transition_channels:
       x = BasicConv(self.transition_channels, (1, 1), name="transition",
                     **common)(x, train)
       features["transition"] = x
-      pooled = _lse_pool(x, LSE_R).astype(self.dtype)
-    elif self.head_pooling == "lse":
-      pooled = None
-    elif self.head_pooling == "avg":
-      # Global average pooling, as Keras' avg_pool layer: the CAM of a class
-      # is then exactly the head's weights applied to the Mixed_7c map.
-      pooled = jnp.mean(x, axis=(1, 2))
-    else:
-      raise ValueError(f"head_pooling must be 'avg' or 'lse', got "
-                       f"{self.head_pooling!r}")
-    head = nn.Dense(self.num_classes, dtype=self.dtype, name="head")
-    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-    if pooled is None:
-      maps = _at_least_float32(head(dropout(x)))  # [B, h, w, classes]
-      features["class_maps"] = maps
-      logits = _lse_pool(maps, self.lse_r)
-    else:
-      features["pooled"] = pooled
-      logits = head(dropout(pooled))
-    # Logits leave the model in float32 (float64 stays) so that losses and
-    # metrics never see bfloat16 rounding, whatever the compute dtype.
-    logits = _at_least_float32(logits)
+      pooling = "lse_features"
+    logits, out = classifier_head(
+        x, num_classes=self.num_classes, pooling=pooling, lse_r=self.lse_r,
+        dropout_rate=self.dropout_rate, dtype=self.dtype, train=train,
+        class_maps=return_features)
     if return_features:
-      return logits, features
+      return logits, {**features, **out}
     return logits
 
-
-def count_parameters(variables) -> int:
-  """All numbers in `variables` (params and BatchNorm statistics), the way
-  Keras' `count_params()` counts them."""
-  return sum(int(v.size) for v in jax.tree_util.tree_leaves(variables))
-
+  def feature_grid(self, size: int) -> tuple[int, float, float]:
+    """The CAM grid for `size`-px inputs (see `feature_grid`)."""
+    return feature_grid(size, self.output_stride)

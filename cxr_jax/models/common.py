@@ -1,0 +1,162 @@
+"""What every backbone shares: the classifier head and its class maps, input
+normalisation, grid geometry for CAM, and dtype helpers.
+
+The model interface (every family in `cxr_jax.models` follows it):
+
+* `Model(num_classes=..., dtype=..., bn_axis_name=..., bn_momentum=...,
+  head_pooling='avg'|'lse', lse_r=..., dropout_rate=..., input_norm=...,
+  **family options)`, a Flax linen module.
+* `model.apply(variables, x, train=False)` takes NHWC inputs in [-1, 1] with
+  3 channels (what `cxr_jax.data.pipeline.to_model_input` makes) and returns
+  float32 logits. The model itself turns [-1, 1] into what its weights expect
+  (`input_norm`), so nothing outside `models/` knows which backbone runs.
+* `model.apply(..., return_features=True)` returns `(logits, out)`, where
+  `out["class_maps"]` is `[B, h, w, num_classes]`: the head applied to every
+  cell of the last spatial map (CAM, Zhou et al. 2016; big_vision's
+  `logits_2d`), `out["feature_map"]` is that map and `out["pooled"]` the
+  pooled vector (average pooling only). Families add their own named maps.
+* `model.feature_grid(size)` gives `(cells, offset, stride)`: the last map's
+  side for `size`-px inputs and where each cell's receptive field is centred
+  (`offset + stride * i`, pixel k spans [k, k+1)). CAM upsampling uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+HEAD_POOLINGS = ("avg", "lse", "lse_features")
+LSE_R = 10.0
+
+
+def at_least_float32(x):
+  """bfloat16 -> float32; float64 (the exactness tests) stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def lse_pool(x, r: float):
+  """Log-mean-exp over the spatial axes: between the mean (r -> 0) and the
+  max (r -> inf)."""
+  x = at_least_float32(x)
+  return (jax.nn.logsumexp(r * x, axis=(1, 2)) -
+          jnp.log(x.shape[1] * x.shape[2])) / r
+
+
+def classifier_head(x, *, num_classes: int, pooling: str = "avg",
+                    lse_r: float = LSE_R, dropout_rate: float = 0.0,
+                    dtype: Dtype = jnp.float32, train: bool = False,
+                    class_maps: bool = False):
+  """The 15-output head on a spatial map `x` [B, h, w, K]: (logits, out).
+
+  Call it inside a module's compact `__call__`: it creates the module's
+  `head` Dense (parameters `head/kernel`, `head/bias`, the names every
+  converter and `dont_load` use).
+
+  * 'avg': global average pooling, then the head (Keras, the paper). The
+    head is linear, so the mean of the class maps over cells equals the
+    logits: the CAM of a class is exactly what its logit averages.
+  * 'lse': the head scores every cell and log-sum-exp pooling (r = `lse_r`)
+    turns each class map into a logit. Max-like pooling rewards one strong
+    cell rather than a broad plateau, so the maps are sharper.
+  * 'lse_features': log-sum-exp pooling of the features, then the head
+    (Wang et al. 2017's transition-layer network, Table 2's CEL(tran.)).
+
+  `out` holds 'class_maps' (when `class_maps` or 'lse'), 'pooled' (not 'lse')
+  and 'feature_map' (`x`). Logits and class maps leave in at least float32.
+  """
+  if pooling not in HEAD_POOLINGS:
+    raise ValueError(f"head_pooling must be one of {HEAD_POOLINGS}, got "
+                     f"{pooling!r}")
+  head = nn.Dense(num_classes, dtype=dtype, name="head")
+  dropout = nn.Dropout(dropout_rate, deterministic=not train)
+  out = {"feature_map": x}
+  if pooling == "lse":
+    maps = at_least_float32(head(dropout(x)))
+    out["class_maps"] = maps
+    logits = lse_pool(maps, lse_r)
+  else:
+    pooled = (jnp.mean(x, axis=(1, 2)) if pooling == "avg"
+              else lse_pool(x, lse_r).astype(x.dtype))
+    out["pooled"] = pooled
+    logits = head(dropout(pooled))
+    if class_maps:
+      out["class_maps"] = at_least_float32(head(x))
+  # Logits leave the model in float32 (float64 stays) so that losses and
+  # metrics never see bfloat16 rounding, whatever the compute dtype.
+  return at_least_float32(logits), out
+
+
+# --------------------------------------------------------------------------
+# Input normalisation: the model gets [-1, 1]; its weights may expect other.
+# --------------------------------------------------------------------------
+
+# name: (channel order, mean, std) applied to pixel values v in [0, 255]:
+# (v[order] - mean) / std. 'inception' is the identity on [-1, 1].
+INPUT_NORMS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
+    # Inception family (Keras 'tf' mode, timm's Inception V4): [-1, 1].
+    "inception": ("RGB", (127.5,) * 3, (127.5,) * 3),
+    # torchvision and Keras' 'torch' mode (DenseNet): ImageNet mean and std.
+    "torch": ("RGB", (0.485 * 255, 0.456 * 255, 0.406 * 255),
+              (0.229 * 255, 0.224 * 255, 0.225 * 255)),
+    # Keras' 'caffe' mode (ResNet v1, VGG): BGR, mean subtracted, no scaling.
+    "caffe": ("BGR", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    # The Caffe BN-Inception of `pretrainedmodels`: BGR, 0..255, rounded mean.
+    "caffe_bn_inception": ("BGR", (104.0, 117.0, 128.0), (1.0, 1.0, 1.0)),
+}
+
+
+def normalize_input(x, input_norm: str):
+  """[-1, 1] RGB -> what weights trained with `input_norm` expect."""
+  if input_norm not in INPUT_NORMS:
+    raise ValueError(f"input_norm must be one of {sorted(INPUT_NORMS)}, got "
+                     f"{input_norm!r}")
+  if input_norm == "inception":
+    return x
+  order, mean, std = INPUT_NORMS[input_norm]
+  if order == "BGR":
+    x = x[..., ::-1]
+  mean = jnp.asarray(mean, x.dtype)
+  std = jnp.asarray(std, x.dtype)
+  return ((x + 1.0) * 127.5 - mean) / std
+
+
+# --------------------------------------------------------------------------
+# Grid geometry for CAM
+# --------------------------------------------------------------------------
+
+def grid_geometry(size: int, layers: Sequence[tuple[int, int, Any]]
+                  ) -> tuple[int, float, float]:
+  """(cells, offset, stride) after `layers`, each (kernel, stride, padding)
+  with padding 'VALID', 'SAME' (TensorFlow's: the extra pixel goes after) or
+  an int (symmetric, as PyTorch's `padding=p`).
+
+  Output cell i of one layer is centred at input coordinate
+  i * s - pad_before + (k - 1) / 2; composing these gives the centre of a
+  final cell's receptive field in pixels. Layers that keep the grid (stride
+  1, 'SAME') may be left out.
+  """
+  cells, offset, stride = size, 0.5, 1.0
+  for kernel, step, padding in layers:
+    if padding == "VALID":
+      before, out = 0, (cells - kernel) // step + 1
+    elif padding == "SAME":
+      out = -(-cells // step)
+      before = max((out - 1) * step + kernel - cells, 0) // 2
+    else:
+      before, out = int(padding), (cells + 2 * int(padding) - kernel) // step + 1
+    offset += stride * ((kernel - 1) / 2 - before)
+    stride *= step
+    cells = out
+  return cells, offset, stride
+
+
+def count_parameters(variables) -> int:
+  """All numbers in `variables` (params and BatchNorm statistics), the way
+  Keras' `count_params()` counts them."""
+  return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables))
