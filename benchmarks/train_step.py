@@ -1,13 +1,14 @@
 """Training throughput of the real step: images/s and compile time.
 
-InceptionV3 with the 15-output head, CW-CEL with the auxiliary task, Adadelta,
-synchronised BatchNorm, on every device present (shard_map over a 'data'
+A backbone (InceptionV3 by default) with the 15-output head, CW-CEL with the
+auxiliary task, Adadelta, synchronised BatchNorm, on every device present (shard_map over a 'data'
 mesh), for global batch sizes 16 and 64, float32 and bfloat16, at 299x299.
 Data are random uint8 batches already on the host, so this measures the step
 (transfer of uint8 pixels included), not the loader. Prints a table and
 writes JSON.
 
-    python benchmarks/train_step.py [--steps 20] [--sizes 16 64] [--json out.json]
+    python benchmarks/train_step.py [--model resnet50] [--steps 20]
+        [--sizes 16 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main():
   parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64])
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--image_size", type=int, default=299)
+  parser.add_argument("--model", default="inception_v3")
   parser.add_argument("--json")
   args = parser.parse_args()
 
@@ -43,7 +45,8 @@ def main():
   for dtype in args.dtypes:
     for batch in args.sizes:
       c = load_config(str(root / "configs" / "default.py"),
-                      [f"batch_size={batch}", f"dtype={dtype}",
+                      [f"batch_size={batch}", f"model.dtype={dtype}",
+                       f"model_name={args.model}",
                        f"image_size={args.image_size}", "transfer=false"])
       trainer = train.Trainer(c)
       state = trainer.init_state(jax.random.key(0))
@@ -67,7 +70,7 @@ def main():
                       "first_step_incl_compile_s": compile_s})
   device = (f"{jax.device_count()} x {jax.devices()[0].device_kind}"
             f" ({jax.devices()[0].platform})")
-  print(f"train step, InceptionV3 at {args.image_size}px on {device}, "
+  print(f"train step, {args.model} at {args.image_size}px on {device}, "
         f"jax {jax.__version__}, {os.cpu_count()} host cores")
   print(f"{'dtype':9s} {'batch':>5s} {'images/s':>9s} {'step ms':>9s} "
         f"{'compile s':>9s}")
@@ -77,6 +80,7 @@ def main():
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": device, "jax": jax.__version__,
+                 "model": args.model,
                  "results": results}, f, indent=2)
 
 

@@ -36,6 +36,18 @@ def nih_sample() -> pathlib.Path:
   return SAMPLE
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+  """A prepared synthetic dataset of 160 films at 75 px (with boxes)."""
+  from cxr_jax.data import synthetic, tfds_builder
+  root = tmp_path_factory.mktemp("tiny")
+  synthetic.synthesize(str(root / "nih"), num_images=160, image_size=96,
+                       seed=3, workers=2)
+  tfds_builder.prepare(str(root / "nih"), str(root / "prepared"),
+                       image_size=75, workers=2)
+  return str(root / "prepared")
+
+
 class SmallNet(nn.Module):
   """Conv + synchronised BatchNorm + the shared head: InceptionV3's
   collectives and the whole model interface (class maps, feature grid) at a

@@ -179,17 +179,6 @@ def test_paper_rows_match_the_paper():
 
 # ------------------------------------------------------- end to end (CLI)
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  from cxr_jax.data import synthetic, tfds_builder
-  root = tmp_path_factory.mktemp("tiny")
-  synthetic.synthesize(str(root / "nih"), num_images=160, image_size=96,
-                       seed=3, workers=2)
-  tfds_builder.prepare(str(root / "nih"), str(root / "prepared"),
-                       image_size=75, workers=2)
-  return str(root / "prepared")
-
-
 def _train_cmd(workdir, data, steps=12):
   return [sys.executable, "-m", "cxr_jax.cli", "train", "--config",
           str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir),

@@ -15,15 +15,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from cxr_jax.models import inception_v3
+from cxr_jax.models import (bn_inception, densenet, inception_resnet_v2,
+                            inception_v3, inception_v4, resnet, vgg)
 from cxr_jax.models.common import count_parameters
 from cxr_jax.models.inception_v3 import (FEATURE_MAP, MIN_INPUT_SIZE,
                                          InceptionV3)
 
-# name -> (constructor, fixed keyword arguments). Variants of one family are
+# name -> (constructor, fixed keyword arguments). Depths of one family are
 # rows with different fixed arguments.
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "inception_v3": (InceptionV3, {}),
+    **resnet.MODELS, **vgg.MODELS, **densenet.MODELS,
+    **bn_inception.MODELS, **inception_v4.MODELS,
+    **inception_resnet_v2.MODELS,
 }
 
 

@@ -92,6 +92,60 @@ def classifier_head(x, *, num_classes: int, pooling: str = "avg",
   return at_least_float32(logits), out
 
 
+def check_input(x, min_size: int, family: str) -> None:
+  """NHWC with 3 channels and at least `min_size` pixels a side, or one
+  ValueError naming the family and the shape."""
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise ValueError(f"expected NHWC inputs with 3 channels, got {x.shape}")
+  if min(x.shape[1:3]) < min_size:
+    raise ValueError(f"{family} needs inputs of at least {min_size}x"
+                     f"{min_size}, got {tuple(x.shape[1:3])}")
+
+
+def head_outputs(module, x, named: dict, train: bool, return_features: bool,
+                 pooling: str | None = None):
+  """The model interface's return, for a module with the standard fields
+  (num_classes, head_pooling, lse_r, dropout_rate, dtype): logits, or
+  (logits, {**named maps, **the head's out}). Call inside compact."""
+  logits, out = classifier_head(
+      x, num_classes=module.num_classes,
+      pooling=pooling or module.head_pooling, lse_r=module.lse_r,
+      dropout_rate=module.dropout_rate, dtype=module.dtype, train=train,
+      class_maps=return_features)
+  return (logits, {**named, **out}) if return_features else logits
+
+
+class ConvBN(nn.Module):
+  """Conv -> BatchNorm -> ReLU, the unit of the Inception family (Keras'
+  `conv2d_bn`, torchvision's and timm's BasicConv2d). Parameters `conv/...`
+  and `bn/...`, the names every converter maps to."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Any = "SAME"
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  bn_scale: bool = False  # Keras' Inceptions have no gamma; timm's have one
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
+                padding=self.padding, use_bias=False, dtype=self.dtype,
+                kernel_init=self.kernel_init, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, use_scale=self.bn_scale,
+                     dtype=self.dtype,
+                     axis_name=self.bn_axis_name if train else None,
+                     # Two-pass variance: E[x^2] - E[x]^2 cancels badly,
+                     # and the rounding compounds through a deep network.
+                     use_fast_variance=False, name="bn")(x)
+    return nn.relu(x)
+
+
 # --------------------------------------------------------------------------
 # Input normalisation: the model gets [-1, 1]; its weights may expect other.
 # --------------------------------------------------------------------------

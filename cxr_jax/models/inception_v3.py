@@ -24,8 +24,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, Dtype, classifier_head,
-                                   grid_geometry, lse_pool, normalize_input)
+from cxr_jax.models.common import (LSE_R, ConvBN, Dtype, check_input,
+                                   grid_geometry, head_outputs,
+                                   normalize_input)
 
 # Keras' BatchNormalization defaults: the ImageNet statistics were produced with
 # these, and Flax's `momentum` has the same meaning as Keras' (the weight of the
@@ -82,33 +83,13 @@ def _kernel_init(name: str):
   raise ValueError(f"conv_init must be one of {CONV_INITS}, got {name!r}")
 
 
-class BasicConv(nn.Module):
-  """Conv (no bias) -> BatchNorm (no scale) -> ReLU."""
-
-  features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  padding: str = "SAME"
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float = BN_MOMENTUM
-  conv_init: str = "lecun_normal"
-  # What the weights expect of the [-1, 1] input (models.common.INPUT_NORMS):
-  # Keras' and torchvision's pretrained InceptionV3 both take [-1, 1].
-  input_norm: str = "inception"
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                padding=self.padding, use_bias=False, dtype=self.dtype,
-                kernel_init=_kernel_init(self.conv_init), name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=BN_EPSILON, use_scale=False, dtype=self.dtype,
-                     axis_name=self.bn_axis_name if train else None,
-                     # Two-pass variance: E[x^2] - E[x]^2 cancels badly,
-                     # and the rounding compounds through 94 layers.
-                     use_fast_variance=False, name="bn")(x)
-    return nn.relu(x)
+def BasicConv(features: int, kernel_size: tuple[int, int],
+              strides: tuple[int, int] = (1, 1), padding: str = "SAME", *,
+              conv_init: str = "lecun_normal", **kwargs) -> ConvBN:
+  """Conv (no bias) -> BatchNorm (epsilon 1e-3, no scale) -> ReLU."""
+  return ConvBN(features, kernel_size, strides, padding,
+                bn_epsilon=BN_EPSILON, bn_scale=False,
+                kernel_init=_kernel_init(conv_init), **kwargs)
 
 
 class _Block(nn.Module):
@@ -352,11 +333,7 @@ class InceptionV3(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f"expected NHWC inputs with 3 channels, got {x.shape}")
-    if min(x.shape[1:3]) < MIN_INPUT_SIZE:
-      raise ValueError(f"InceptionV3 needs inputs of at least "
-                       f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {x.shape[1:3]}")
+    check_input(x, MIN_INPUT_SIZE, "InceptionV3")
     if self.transition_channels and self.head_pooling != "avg":
       raise ValueError("the transition layer pools its own map (LSE); "
                        "head_pooling must stay 'avg' with it")
@@ -385,13 +362,7 @@ class InceptionV3(nn.Module):
                     **common)(x, train)
       features["transition"] = x
       pooling = "lse_features"
-    logits, out = classifier_head(
-        x, num_classes=self.num_classes, pooling=pooling, lse_r=self.lse_r,
-        dropout_rate=self.dropout_rate, dtype=self.dtype, train=train,
-        class_maps=return_features)
-    if return_features:
-      return logits, {**features, **out}
-    return logits
+    return head_outputs(self, x, features, train, return_features, pooling)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The CAM grid for `size`-px inputs (see `feature_grid`)."""

@@ -16,11 +16,21 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cxr_jax.parity import keras
+from cxr_jax.parity import (bn_inception, densenet, inception_resnet_v2,
+                            inception_v4, keras, resnet, vgg)
 from cxr_jax.parity.common import max_abs_error, relative_error
 
+# Each family's check proves every source it converts (Keras layouts,
+# torchvision, timm, pretrainedmodels).
 CHECKS: dict[str, Callable[..., dict[str, float]]] = {
-    **keras.CHECKS,
+    **keras.CHECKS, **resnet.CHECKS, **vgg.CHECKS, **densenet.CHECKS,
+    **bn_inception.CHECKS, **inception_v4.CHECKS, **inception_resnet_v2.CHECKS,
+}
+# Models with a keras.applications counterpart (benchmarks/forward.py).
+KERAS_REFERENCES: dict[str, keras.KerasReference] = {
+    **keras.KERAS_REFERENCES, **resnet.KERAS_REFERENCES,
+    **vgg.KERAS_REFERENCES, **densenet.KERAS_REFERENCES,
+    **inception_resnet_v2.REFERENCES,
 }
 
 
@@ -32,4 +42,4 @@ def run(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0
   return CHECKS[model](sizes=tuple(sizes), batch=batch, seed=seed)
 
 
-__all__ = ["CHECKS", "run", "max_abs_error", "relative_error"]
+__all__ = ["CHECKS", "KERAS_REFERENCES", "run", "max_abs_error", "relative_error"]

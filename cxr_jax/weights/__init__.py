@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from cxr_jax.weights import inception_v3
+from cxr_jax.weights import (bn_inception, densenet, inception_resnet_v2,
+                             inception_v3, inception_v4, resnet, vgg)
 from cxr_jax.weights.common import (ConversionError, architecture,
                                     load_pretrained, merge_pretrained,
                                     read_metadata, save_converted)
 
 # Every family's converter module: MODELS (registry names it converts) and
 # SOURCES ({source: converter(path, model, **options)}).
-FAMILIES = (inception_v3,)
+FAMILIES = (inception_v3, resnet, vgg, densenet, bn_inception, inception_v4,
+            inception_resnet_v2)
 CONVERTERS: dict[str, dict[str, Any]] = {
     name: family.SOURCES for family in FAMILIES for name in family.MODELS}
 

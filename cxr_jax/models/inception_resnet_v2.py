@@ -1,0 +1,228 @@
+"""Inception-ResNet-V2 in Flax linen, layer for layer the Keras application.
+
+Szegedy et al. 2016, "Inception-v4, Inception-ResNet and the Impact of
+Residual Connections on Learning". The architecture follows
+`keras.applications.InceptionResNetV2` (itself TF-slim's
+`inception_resnet_v2`), so that Keras' ImageNet weights load unchanged:
+
+* every convolution of a branch has no bias and is followed by BatchNorm with
+  epsilon=1e-3 and no scale (the ReLU after it makes a scale redundant);
+* each residual block ends in a 1x1 'up' convolution *with* a bias and no
+  BatchNorm, whose output is scaled (0.17, 0.1, 0.2 for the 35/17/8 blocks)
+  before it is added to the shortcut; ReLU follows the sum, except in the
+  last block8, which has scale 1.0 and no activation;
+* the stem and the stride-2 reductions are 'VALID', everything else 'SAME';
+  mixed_5b's average pool excludes the padding from the mean (TensorFlow).
+
+Module names: the stem and branch names are TF-slim's/timm's (`conv2d_1a`,
+`mixed_5b/branch1_0`, a pool branch's conv is `branch_pool`), the repeated
+blocks and the last conv carry Keras' names (`block35_1`, ..., `conv_7b`),
+and a block's up convolution is `conv` (Keras' `block35_1_conv`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cxr_jax.models.common import (LSE_R, ConvBN, Dtype, check_input,
+                                   grid_geometry, head_outputs,
+                                   normalize_input)
+
+# Keras' BatchNormalization defaults, with which the ImageNet statistics were
+# made; Flax's `momentum` means what Keras' does (the old value's weight).
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+# Keras' `min_size` for this application: the 3x3 VALID reductions need it.
+MIN_INPUT_SIZE = 75
+FEATURE_MAP = "conv_7b"  # the last convolutional map, 1536 channels
+
+# (block type, repeats, residual scale): Keras' `inception_resnet_block`.
+REPEATS: Sequence[tuple[str, int, float]] = (
+    ("block35", 10, 0.17), ("block17", 20, 0.1), ("block8", 10, 0.2))
+# (name, features, kernel, strides, padding) of the stem convolutions; a 3x3/2
+# max pool follows conv2d_2b and conv2d_4a.
+STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
+    ("conv2d_1a", 32, (3, 3), (2, 2), "VALID"),
+    ("conv2d_2a", 32, (3, 3), (1, 1), "VALID"),
+    ("conv2d_2b", 64, (3, 3), (1, 1), "SAME"),
+    ("conv2d_3b", 80, (1, 1), (1, 1), "VALID"),
+    ("conv2d_4a", 192, (3, 3), (1, 1), "VALID"),
+)
+# (kernel, stride, padding) of every layer that moves or shrinks the grid on
+# the way to conv_7b: the VALID stem and the two VALID reductions.
+GRID_LAYERS = ((3, 2, "VALID"), (3, 1, "VALID"), (3, 2, "VALID"),
+               (3, 1, "VALID"), (3, 2, "VALID"), (3, 2, "VALID"),
+               (3, 2, "VALID"))
+
+
+def feature_grid(size: int) -> tuple[int, float, float]:
+  """(cells, offset, stride) of the conv_7b grid for `size`-px inputs."""
+  return grid_geometry(size, GRID_LAYERS)
+
+
+def conv_bn(features, kernel, strides=(1, 1), padding="SAME", **kwargs
+            ) -> ConvBN:
+  """Keras' `conv2d_bn`: conv (no bias) -> BatchNorm (eps 1e-3, no scale: the
+  ReLU after it makes one redundant) -> ReLU."""
+  return ConvBN(features, kernel, strides, padding, bn_epsilon=BN_EPSILON,
+                bn_scale=False, **kwargs)
+
+
+class _Block(nn.Module):
+  """Shared plumbing: a factory for the block's conv-BN-ReLU units."""
+
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = BN_MOMENTUM
+
+  def conv(self, features, kernel, name, strides=(1, 1), padding="SAME"):
+    return conv_bn(features, kernel, strides, padding, dtype=self.dtype,
+                   bn_axis_name=self.bn_axis_name,
+                   bn_momentum=self.bn_momentum, name=name)
+
+
+class Mixed5b(_Block):
+  """Inception-A block after the stem: 192 -> 320 channels."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b0 = self.conv(96, (1, 1), "branch0")(x, train)
+    b1 = self.conv(48, (1, 1), "branch1_0")(x, train)
+    b1 = self.conv(64, (5, 5), "branch1_1")(b1, train)
+    b2 = self.conv(64, (1, 1), "branch2_0")(x, train)
+    b2 = self.conv(96, (3, 3), "branch2_1")(b2, train)
+    b2 = self.conv(96, (3, 3), "branch2_2")(b2, train)
+    bp = nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
+                     count_include_pad=False)
+    bp = self.conv(64, (1, 1), "branch_pool")(bp, train)
+    return jnp.concatenate([b0, b1, b2, bp], axis=-1)
+
+
+class Mixed6a(_Block):
+  """Reduction-A: 35 -> 17, 320 -> 1088 channels."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b0 = self.conv(384, (3, 3), "branch0", (2, 2), "VALID")(x, train)
+    b1 = self.conv(256, (1, 1), "branch1_0")(x, train)
+    b1 = self.conv(256, (3, 3), "branch1_1")(b1, train)
+    b1 = self.conv(384, (3, 3), "branch1_2", (2, 2), "VALID")(b1, train)
+    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return jnp.concatenate([b0, b1, bp], axis=-1)
+
+
+class Mixed7a(_Block):
+  """Reduction-B: 17 -> 8, 1088 -> 2080 channels."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b0 = self.conv(256, (1, 1), "branch0_0")(x, train)
+    b0 = self.conv(384, (3, 3), "branch0_1", (2, 2), "VALID")(b0, train)
+    b1 = self.conv(256, (1, 1), "branch1_0")(x, train)
+    b1 = self.conv(288, (3, 3), "branch1_1", (2, 2), "VALID")(b1, train)
+    b2 = self.conv(256, (1, 1), "branch2_0")(x, train)
+    b2 = self.conv(288, (3, 3), "branch2_1")(b2, train)
+    b2 = self.conv(320, (3, 3), "branch2_2", (2, 2), "VALID")(b2, train)
+    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return jnp.concatenate([b0, b1, b2, bp], axis=-1)
+
+
+class ResidualBlock(_Block):
+  """Keras' `inception_resnet_block`: x + scale * up(concat(branches)),
+  then ReLU unless `activation` is False (the last block8)."""
+
+  block_type: str = "block35"
+  scale: float = 0.17
+  activation: bool = True
+
+  def branches(self, x, train):
+    if self.block_type == "block35":
+      b0 = self.conv(32, (1, 1), "branch0")(x, train)
+      b1 = self.conv(32, (1, 1), "branch1_0")(x, train)
+      b1 = self.conv(32, (3, 3), "branch1_1")(b1, train)
+      b2 = self.conv(32, (1, 1), "branch2_0")(x, train)
+      b2 = self.conv(48, (3, 3), "branch2_1")(b2, train)
+      b2 = self.conv(64, (3, 3), "branch2_2")(b2, train)
+      return [b0, b1, b2]
+    if self.block_type == "block17":
+      b0 = self.conv(192, (1, 1), "branch0")(x, train)
+      b1 = self.conv(128, (1, 1), "branch1_0")(x, train)
+      b1 = self.conv(160, (1, 7), "branch1_1")(b1, train)
+      b1 = self.conv(192, (7, 1), "branch1_2")(b1, train)
+      return [b0, b1]
+    if self.block_type == "block8":
+      b0 = self.conv(192, (1, 1), "branch0")(x, train)
+      b1 = self.conv(192, (1, 1), "branch1_0")(x, train)
+      b1 = self.conv(224, (1, 3), "branch1_1")(b1, train)
+      b1 = self.conv(256, (3, 1), "branch1_2")(b1, train)
+      return [b0, b1]
+    raise ValueError(f"block_type must be block35, block17 or block8, got "
+                     f"{self.block_type!r}")
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    mixed = jnp.concatenate(self.branches(x, train), axis=-1)
+    up = nn.Conv(x.shape[-1], (1, 1), use_bias=True, dtype=self.dtype,
+                 name="conv")(mixed)
+    x = x + up * jnp.asarray(self.scale, up.dtype)
+    return nn.relu(x) if self.activation else x
+
+
+class InceptionResNetV2(nn.Module):
+  """Inception-ResNet-V2 with a `num_classes`-way linear head (logits).
+
+  Attributes follow the zoo interface (models.common): `dtype` is the
+  computation dtype (parameters stay float32), `bn_axis_name` averages
+  training-mode batch statistics over a named device axis, `bn_momentum` is
+  Flax's (Keras') meaning, `head_pooling`/`lse_r` choose the head's pooling
+  and `input_norm` what the weights expect of our [-1, 1] input (Keras'
+  ImageNet weights: 'inception', i.e. [-1, 1] as is).
+
+  With `return_features=True` it returns `(logits, out)`, out holding
+  'conv_7b' (the 1536-channel map, Keras' `conv_7b_ac`), 'class_maps',
+  'feature_map' and 'pooled'.
+  """
+
+  num_classes: int = 1000
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = BN_MOMENTUM
+  head_pooling: str = "avg"
+  lse_r: float = LSE_R
+  input_norm: str = "inception"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
+    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                  bn_momentum=self.bn_momentum)
+    x = normalize_input(x, self.input_norm).astype(self.dtype)
+    for name, features, kernel, strides, padding in STEM:
+      x = conv_bn(features, kernel, strides, padding, name=name,
+                  **common)(x, train)
+      if name in ("conv2d_2b", "conv2d_4a"):
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    x = Mixed5b(name="mixed_5b", **common)(x, train)
+    reductions = {"block35": Mixed6a(name="mixed_6a", **common),
+                  "block17": Mixed7a(name="mixed_7a", **common)}
+    for block_type, repeats, scale in REPEATS:
+      for i in range(1, repeats + 1):
+        last = block_type == "block8" and i == repeats
+        x = ResidualBlock(block_type=block_type, scale=1.0 if last else scale,
+                          activation=not last, name=f"{block_type}_{i}",
+                          **common)(x, train)
+      if block_type in reductions:
+        x = reductions[block_type](x, train)
+    x = conv_bn(1536, (1, 1), name="conv_7b", **common)(x, train)
+    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+
+  def feature_grid(self, size: int) -> tuple[int, float, float]:
+    """The conv_7b grid for `size`-px inputs (see `feature_grid`)."""
+    return feature_grid(size)
+
+
+MODELS = {"inception_resnet_v2": (InceptionResNetV2, {})}

@@ -1,0 +1,54 @@
+"""DenseNet-121/169/201 parity: keras.applications and torchvision.
+
+`KERAS_REFERENCES` are the Keras rows: the application (its own top is
+global average pooling + 'predictions', like our head), the feature layer
+`relu` (after the final `bn`) and Keras' 'densenet' preprocessing. The
+builder gives 'predictions' a random bias, which Keras initialises to zero.
+
+`CHECKS[model]` runs both proofs, the two Keras layouts
+(`cxr_jax.parity.keras.keras_parity`) and the torchvision reference
+(`cxr_jax.parity.torch_densenet`), and returns one dict of max abs errors:
+'legacy@<size>/...', 'keras3@<size>/...' and 'torchvision@<size>/...'.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+
+from cxr_jax.parity import keras, torch_densenet
+
+
+def build_application(application: str, keras_module, size: int,
+                      num_classes: int):
+  """`keras.applications.<application>` with logits out and a random bias
+  on 'predictions'."""
+  net = getattr(keras_module.applications, application)(
+      weights=None, input_shape=(size, size, 3), classes=num_classes,
+      classifier_activation=None)
+  bias = net.get_layer("predictions").bias
+  rng = np.random.default_rng(size)
+  bias.assign(rng.normal(0.0, 0.2, bias.shape).astype(np.float32))
+  return net
+
+
+KERAS_REFERENCES = {
+    f"densenet{d}": keras.KerasReference(
+        f"DenseNet{d}", "relu", "densenet",
+        functools.partial(build_application, f"DenseNet{d}"))
+    for d in (121, 169, 201)}
+
+
+def parity(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0
+           ) -> dict[str, float]:
+  """Both Keras layouts and the torchvision reference, one error dict."""
+  errors = keras.keras_parity(model, KERAS_REFERENCES[model], sizes, batch,
+                              seed)
+  errors.update(torch_densenet.torch_parity(model, sizes, batch, seed))
+  return errors
+
+
+CHECKS: dict[str, Callable[..., dict[str, float]]] = {
+    name: functools.partial(parity, name) for name in KERAS_REFERENCES}

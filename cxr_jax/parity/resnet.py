@@ -1,0 +1,81 @@
+"""Parity of the ResNets with both upstreams, random weights.
+
+* Keras: `keras.applications.ResNet50/101/152` (v1), whose `conv5_block3_out`
+  is our `layer4`, preprocessed by `keras.applications.resnet`
+  ('caffe' mode); `parity.keras.keras_parity` proves both Keras layouts.
+  The random reference's residual branches are scaled down (see
+  RESIDUAL_BRANCH_SCALE).
+* torchvision: `parity.torch_resnet`'s line-for-line torchvision 0.29.1
+  ResNet (v1.5), through a saved `.pth` state dict.
+
+`CHECKS[model](sizes, batch, seed)` runs both and returns
+{'<legacy|keras3|torchvision>@<size>/<logits|feature_map>': max abs error}.
+The torchvision half needs torch; without it the check says so in its log
+and returns the Keras errors alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+from cxr_jax.parity import keras, torch_resnet
+
+log = logging.getLogger(__name__)
+
+# Each residual branch's last convolution (`_3_conv`) starts at this fraction
+# of Keras' Glorot draw. BatchNorm with random, not measured, running
+# statistics does not renormalise, so every block grows the residual stream
+# by a fixed factor; over ResNet-152's 36 conv4 blocks that makes logits
+# whose float32 rounding alone nears the 1e-4 bar. A smaller branch keeps
+# them small, so the check measures the conversion, not rounding.
+RESIDUAL_BRANCH_SCALE = 0.5
+
+
+def scale_residual_branches(net) -> None:
+  """Scales every `_3_conv` kernel of a Keras ResNet by
+  RESIDUAL_BRANCH_SCALE, in place."""
+  for layer in net.layers:
+    if layer.name.endswith("_3_conv"):
+      layer.kernel.assign(layer.kernel * RESIDUAL_BRANCH_SCALE)
+
+
+def _application(name: str):
+  """KerasReference.build: `keras.applications.<name>` with logits, its
+  residual branches scaled (scale_residual_branches)."""
+  def build(keras_module, size: int, num_classes: int):
+    net = getattr(keras_module.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=num_classes,
+        classifier_activation=None)
+    scale_residual_branches(net)
+    return net
+  return build
+
+
+KERAS_REFERENCES = {
+    f"resnet{depth}": keras.KerasReference(
+        f"ResNet{depth}", "conv5_block3_out", "resnet",
+        _application(f"ResNet{depth}"))
+    for depth in (50, 101, 152)
+}
+KERAS_CHECKS = keras.checks(KERAS_REFERENCES)
+
+
+def resnet_parity(model: str, sizes=(299, 224), batch: int = 2,
+                  seed: int = 0) -> dict[str, float]:
+  """Keras (both layouts) and torchvision parity of `model`."""
+  errors = KERAS_CHECKS[model](sizes=sizes, batch=batch, seed=seed)
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    log.warning("torch is not installed: %s's torchvision parity not run",
+                model)
+    return errors
+  errors.update(torch_resnet.CHECKS[model](sizes=sizes, batch=batch,
+                                           seed=seed))
+  return errors
+
+
+CHECKS: dict[str, Callable[..., dict[str, float]]] = {
+    name: functools.partial(resnet_parity, name) for name in KERAS_REFERENCES}

@@ -1,0 +1,259 @@
+"""torchvision's ResNet-50/101/152, written out for the parity check.
+
+torchvision cannot be installed beside the CPU torch wheel used here, so
+this is the reference: `Bottleneck` and `ResNet` below are
+torchvision/models/resnet.py of torchvision 0.29.1 line for line, cut to what
+resnet50/101/152 use (no BasicBlock, groups, width_per_group, dilation or
+zero_init_residual; torchvision's defaults for those are what these models
+run). The module tree, and so the state dict's keys, shapes and order, are
+torchvision's; its parameter count is checked against torchvision's published
+`num_params`. It is written from torchvision's source, not from our Flax model.
+
+torch is imported inside the functions, so `import cxr_jax.parity.resnet`
+works without it; only running a torch check needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+from cxr_jax.weights.common import IMAGENET_MEAN, IMAGENET_STD
+from cxr_jax.models import resnet
+from cxr_jax.parity.common import max_abs_error
+from cxr_jax.weights import common as wcommon
+from cxr_jax.weights import resnet as wresnet
+
+# torchvision 0.29.1's ResNet{50,101,152}_Weights meta "num_params".
+PUBLISHED_PARAMETERS = {"resnet50": 25_557_032, "resnet101": 44_549_160,
+                        "resnet152": 60_192_808}
+# torchvision.models.resnet50/101/152: _resnet(Bottleneck, layers, ...).
+LAYERS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3],
+          "resnet152": [3, 8, 36, 3]}
+
+
+@functools.lru_cache(maxsize=1)
+def torch_modules() -> tuple[type, type]:
+  """(Bottleneck, ResNet): torchvision's classes, defined on first use."""
+  import torch
+  import torch.nn as nn
+
+  def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    """3x3 convolution with padding"""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride,
+                     padding=dilation, groups=groups, bias=False,
+                     dilation=dilation)
+
+  def conv1x1(in_planes, out_planes, stride=1):
+    """1x1 convolution"""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride,
+                     bias=False)
+
+  class Bottleneck(nn.Module):
+    # torchvision puts the stride on the 3x3 (conv2): ResNet V1.5.
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+      super().__init__()
+      norm_layer = nn.BatchNorm2d
+      width = planes
+      self.conv1 = conv1x1(inplanes, width)
+      self.bn1 = norm_layer(width)
+      self.conv2 = conv3x3(width, width, stride)
+      self.bn2 = norm_layer(width)
+      self.conv3 = conv1x1(width, planes * self.expansion)
+      self.bn3 = norm_layer(planes * self.expansion)
+      self.relu = nn.ReLU(inplace=True)
+      self.downsample = downsample
+      self.stride = stride
+
+    def forward(self, x):
+      identity = x
+
+      out = self.conv1(x)
+      out = self.bn1(out)
+      out = self.relu(out)
+
+      out = self.conv2(out)
+      out = self.bn2(out)
+      out = self.relu(out)
+
+      out = self.conv3(out)
+      out = self.bn3(out)
+
+      if self.downsample is not None:
+        identity = self.downsample(x)
+
+      out += identity
+      out = self.relu(out)
+
+      return out
+
+  class ResNet(nn.Module):
+
+    def __init__(self, block, layers, num_classes=1000):
+      super().__init__()
+      norm_layer = nn.BatchNorm2d
+      self._norm_layer = norm_layer
+
+      self.inplanes = 64
+      self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2,
+                             padding=3, bias=False)
+      self.bn1 = norm_layer(self.inplanes)
+      self.relu = nn.ReLU(inplace=True)
+      self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+      self.layer1 = self._make_layer(block, 64, layers[0])
+      self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+      self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+      self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+      self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+      self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+      for m in self.modules():
+        if isinstance(m, nn.Conv2d):
+          nn.init.kaiming_normal_(m.weight, mode="fan_out",
+                                  nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+          nn.init.constant_(m.weight, 1)
+          nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+      norm_layer = self._norm_layer
+      downsample = None
+      if stride != 1 or self.inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            conv1x1(self.inplanes, planes * block.expansion, stride),
+            norm_layer(planes * block.expansion),
+        )
+
+      layers = []
+      layers.append(block(self.inplanes, planes, stride, downsample))
+      self.inplanes = planes * block.expansion
+      for _ in range(1, blocks):
+        layers.append(block(self.inplanes, planes))
+
+      return nn.Sequential(*layers)
+
+    def forward_features(self, x):
+      """_forward_impl up to layer4: the map our head reads."""
+      x = self.conv1(x)
+      x = self.bn1(x)
+      x = self.relu(x)
+      x = self.maxpool(x)
+
+      x = self.layer1(x)
+      x = self.layer2(x)
+      x = self.layer3(x)
+      return self.layer4(x)
+
+    def forward(self, x):
+      """(logits, layer4): _forward_impl, keeping the map it pools."""
+      features = self.forward_features(x)
+      x = self.avgpool(features)
+      x = torch.flatten(x, 1)
+      return self.fc(x), features
+
+  return Bottleneck, ResNet
+
+
+def build_torch_reference(model: str, num_classes: int = 1000,
+                          seed: int = 0):
+  """torchvision's `model` (eval mode) with random weights and random
+  BatchNorm statistics and affine parameters.
+
+  The convolutions are redrawn Glorot-uniform (Keras' default) instead of
+  torchvision's kaiming fan-out: BatchNorm with random, not measured,
+  running statistics does not renormalise, and with kaiming's larger
+  weights every block grows the residual stream, until float32 rounding of
+  the logits alone approaches the 1e-4 bar. Glorot's smaller weights keep
+  the logits small, so the check measures the conversion, not rounding.
+  """
+  import torch
+  if model not in LAYERS:
+    raise ValueError(f"no torch reference for {model!r}; choose one of "
+                     f"{sorted(LAYERS)}")
+  bottleneck, resnet = torch_modules()
+  torch.manual_seed(seed)
+  net = resnet(bottleneck, LAYERS[model], num_classes=num_classes)
+  rng = np.random.default_rng(seed)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        torch.nn.init.xavier_uniform_(m.weight)
+      if isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        uniform = lambda lo, hi: torch.from_numpy(
+            rng.uniform(lo, hi, n).astype(np.float32))
+        normal = lambda: torch.from_numpy(
+            rng.normal(0.0, 0.2, n).astype(np.float32))
+        m.weight.copy_(uniform(0.5, 1.5))
+        m.bias.copy_(normal())
+        m.running_mean.copy_(normal())
+        m.running_var.copy_(uniform(0.5, 2.0))
+  return net.eval()
+
+
+def parameter_count(net) -> int:
+  """What torchvision's `num_params` counts: parameters, not buffers."""
+  return sum(p.numel() for p in net.parameters())
+
+
+def torch_outputs(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(logits, layer4 NHWC) for our input `x` in [-1, 1] (NHWC), normalised
+  as torchvision's transforms do: (x / 2 + 1/2 - mean) / std."""
+  import torch
+  pixels = (np.asarray(x, np.float64) + 1.0) / 2.0
+  normed = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  with torch.no_grad():
+    logits, fmap = net(torch.from_numpy(normed.transpose(0, 3, 1, 2)))
+  return logits.numpy(), fmap.numpy().transpose(0, 2, 3, 1)
+
+
+def flax_outputs(model: str, variables, x: np.ndarray, **model_kwargs
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(logits, feature map) of our `model` built from its family's rows."""
+  import jax
+  constructor, fixed = resnet.MODELS[model]
+  net = constructor(**{**fixed, **model_kwargs},
+                    num_classes=variables["params"]["head"]["bias"].shape[0])
+  fn = jax.jit(lambda v, x: net.apply(v, x, train=False,
+                                      return_features=True))
+  logits, out = fn(variables, x)
+  return np.asarray(logits), np.asarray(out["feature_map"])
+
+
+def torch_parity(model: str, sizes=(299, 224), batch: int = 2,
+                 seed: int = 0) -> dict[str, float]:
+  """Saves a random torchvision `model` as a .pth, converts it through
+  `cxr_jax.weights.resnet` and the converted-file round trip, and compares:
+  {'torchvision@<size>/<logits|feature_map>': max abs error}."""
+  import torch
+  net = build_torch_reference(model, seed=seed)
+  with tempfile.TemporaryDirectory() as tmp:
+    pth = os.path.join(tmp, f"{model}.pth")
+    torch.save(net.state_dict(), pth)
+    npz = os.path.join(tmp, f"{model}.npz")
+    wcommon.save_converted(npz, *wresnet.convert_torchvision(pth, model))
+    variables = wcommon.load_pretrained(npz)
+    name, kwargs = wcommon.architecture(npz)
+  rng = np.random.default_rng(seed + 1)
+  errors = {}
+  for size in sizes:
+    x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    t_logits, t_map = torch_outputs(net, x)
+    f_logits, f_map = flax_outputs(name, variables, x, **kwargs)
+    errors[f"torchvision@{size}/logits"] = max_abs_error(f_logits, t_logits)
+    errors[f"torchvision@{size}/feature_map"] = max_abs_error(f_map, t_map)
+  return errors
+
+
+CHECKS: dict[str, Callable[..., dict[str, float]]] = {
+    name: functools.partial(torch_parity, name) for name in LAYERS}
+
+__all__ = ["CHECKS", "LAYERS", "PUBLISHED_PARAMETERS",
+                      "build_torch_reference", "parameter_count",
+                      "torch_modules", "torch_outputs", "torch_parity"]

@@ -1,0 +1,436 @@
+"""ResNet-50/101/152: both variants' architecture, both converters, and
+parity with Keras' applications and torchvision's definition."""
+
+from __future__ import annotations
+
+import logging
+
+import flax.linen as nn
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxr_jax import models, weights
+from cxr_jax.models import resnet
+from cxr_jax.models.common import count_parameters
+from cxr_jax.parity import resnet as parity_resnet
+from cxr_jax.weights import resnet as convert
+from cxr_jax.weights.common import ConversionError, flatten
+
+BAR = 1e-4  # max abs error on logits, float32
+MAP_BAR = 1e-3  # the layer4 map is larger than the logits; same precision
+SIZES = (224, 299)
+SLOW = pytest.mark.slow
+
+# Keras' count_params() (convolution biases and BatchNorm moving statistics
+# included) for keras.applications.ResNet50/101/152 with the 1000-way top.
+KERAS_COUNTS = {"resnet50": 25_636_712, "resnet101": 44_707_176,
+                "resnet152": 60_419_944}
+# torchvision 0.29.1's published num_params (parameters only).
+TORCHVISION_COUNTS = {"resnet50": 25_557_032, "resnet101": 44_549_160,
+                      "resnet152": 60_192_808}
+
+
+def build(name, **kwargs):
+  constructor, fixed = resnet.MODELS[name]
+  return constructor(**{**fixed, **kwargs})
+
+
+def shapes(model, size):
+  return jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3))))
+
+
+def random_variables(model, seed=0, size=64):
+  """Random variables of `model`'s shapes, drawn by numpy: `model.init`
+  draws 25-60M numbers with JAX's PRNG op by op, tens of seconds on CPU."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":  # fan-in scaled, so activations stay finite
+      return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, leaf.shape)
+    return rng.normal(0, 0.1, leaf.shape)  # biases, BatchNorm means
+
+  return jax.tree_util.tree_map_with_path(
+      lambda p, leaf: draw(p, leaf).astype(np.float32), shapes(model, size))
+
+
+@pytest.fixture
+def registered(monkeypatch):
+  """The family in the model and converter registries, as after the merge."""
+  for name, row in resnet.MODELS.items():
+    monkeypatch.setitem(models.MODELS, name, row)
+    monkeypatch.setitem(weights.CONVERTERS, name, convert.SOURCES)
+
+
+# --------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------
+
+DEEP = [pytest.param("resnet101", marks=SLOW),
+        pytest.param("resnet152", marks=SLOW)]
+
+
+@pytest.mark.parametrize("name", ["resnet50", *DEEP])
+def test_parameter_counts_match_both_upstreams(name):
+  keras_vars = shapes(build(name, variant="keras"), 64)
+  assert count_parameters(keras_vars) == KERAS_COUNTS[name]
+  tv_vars = shapes(build(name, variant="torchvision"), 64)
+  assert count_parameters(tv_vars["params"]) == TORCHVISION_COUNTS[name]
+
+
+def test_module_names_are_torchvisions():
+  flat = flatten(shapes(build("resnet50"), 64)["params"])
+  for key in ("conv1/kernel", "bn1/scale", "layer1/0/conv1/kernel",
+              "layer1/0/downsample/conv/kernel", "layer1/0/downsample/bn/bias",
+              "layer4/2/bn3/scale", "head/kernel"):
+    assert key in flat, key
+  assert "layer1/1/downsample/conv/kernel" not in flat
+  assert "conv1/bias" not in flat  # torchvision: no convolution biases
+  keras_flat = flatten(shapes(build("resnet50", variant="keras"), 64)["params"])
+  assert "layer3/5/conv2/bias" in keras_flat
+
+
+@pytest.mark.parametrize("variant", ["keras", "torchvision"])
+def test_feature_grid_matches_layer4(variant):
+  model = build("resnet50", variant=variant, num_classes=2)
+  for size in SIZES:
+    out = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0), jnp.zeros((1, size, size, 3)),
+            return_features=True)[0][1][resnet.FEATURE_MAP])
+    cells, _, stride = model.feature_grid(size)
+    assert out.shape[1:3] == (cells, cells) and stride == 32
+  # By hand at 299: conv1 (7/2, pad 3) -> 150 cells centred at 0.5 + 2i
+  # ((7-1)/2 - 3 = 0 px shift); pool (3/2, pad 1) -> 75 at 0.5 + 4i; each
+  # stage halves with a centred kernel: 38, 19, 10 cells at 0.5 + 32i.
+  assert model.feature_grid(299) == (10, 0.5, 32.0)
+  assert model.feature_grid(224) == (7, 0.5, 32.0)
+
+
+def test_avg_head_class_maps_average_to_the_logits_and_lse_works():
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 96, 96, 3)),
+                  jnp.float32)
+  model = build("resnet50", num_classes=4)
+  variables = random_variables(model)
+  logits, out = jax.jit(lambda v, x: model.apply(
+      v, x, return_features=True))(variables, x)
+  assert out["layer4"].shape == (2, 3, 3, 2048)
+  np.testing.assert_allclose(out["class_maps"].mean((1, 2)), logits,
+                             atol=1e-5, rtol=1e-5)
+  lse = build("resnet50", num_classes=4, head_pooling="lse", lse_r=5.0)
+  l_logits, l_out = jax.jit(lambda v, x: lse.apply(
+      v, x, return_features=True))(variables, x)
+  maps = np.asarray(l_out["class_maps"], np.float64)
+  np.testing.assert_allclose(maps, out["class_maps"], atol=1e-5, rtol=1e-5)
+  # log-mean-exp lies strictly between the mean and the max of each map
+  assert (l_logits > maps.mean((1, 2)) + 1e-4).all()
+  assert (l_logits < maps.max((1, 2))).all()
+
+
+def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
+  model = build("resnet50", variant="keras", num_classes=3,
+                dtype=jnp.bfloat16)
+  leaves = jax.tree_util.tree_leaves(shapes(model, 64))
+  assert leaves and all(leaf.dtype == jnp.float32 for leaf in leaves)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 64, 64, 3)),
+                  jnp.float32)
+  variables = random_variables(model)
+  logits, out = jax.jit(lambda v, x: model.apply(
+      v, x, return_features=True))(variables, x)
+  assert out["layer4"].dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32 and np.isfinite(logits).all()
+
+
+def batch_norms(model, train):
+  """Every BatchNorm `model` runs, as (path, momentum, epsilon, axis_name,
+  use_fast_variance), read off a shape-only trace that skips them."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    m = context.module
+    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
+      seen.append(("/".join(m.path), m.momentum, m.epsilon, m.axis_name,
+                   m.use_fast_variance))
+      return args[0]  # a named axis has no meaning outside shard_map
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), jnp.zeros((2, 64, 64, 3)), train=train))
+  return seen
+
+
+@pytest.mark.parametrize("variant,momentum,epsilon",
+                         [("keras", 0.99, 1.001e-5),
+                          ("torchvision", 0.9, 1e-5)])
+def test_batch_norms_take_the_variants_momentum_and_epsilon(
+    variant, momentum, epsilon):
+  seen = batch_norms(build("resnet50", variant=variant), train=True)
+  assert len(seen) == 53  # one per convolution
+  assert {s[1:] for s in seen} == {(momentum, epsilon, None, False)}
+  seen = batch_norms(build("resnet50", variant=variant, bn_momentum=0.5,
+                           bn_axis_name="batch"), train=True)
+  assert {s[1:] for s in seen} == {(0.5, epsilon, "batch", False)}
+  # Inference normalises with the running statistics: no cross-device mean.
+  seen = batch_norms(build("resnet50", variant=variant,
+                           bn_axis_name="batch"), train=False)
+  assert {s[3] for s in seen} == {None}
+
+
+def test_bad_options_and_inputs_get_clear_errors():
+  x = jnp.zeros((1, 64, 64, 3))
+  with pytest.raises(ValueError, match="variant must be one of"):
+    build("resnet50", variant="caffe").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="depth must be one of"):
+    resnet.ResNet(depth=34).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="at least 32x32"):
+    build("resnet50").init(jax.random.key(0), jnp.zeros((1, 31, 64, 3)))
+  with pytest.raises(ValueError, match="3 channels"):
+    build("resnet50").init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+
+
+# --------------------------------------------------------------------------
+# Converters
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keras50(tmp_path_factory):
+  """A random Keras ResNet50 for any input size, and both weight layouts.
+
+  keras.applications' ResNet50 with the 1000-way top needs a fixed input
+  size; its include_top=False body takes any, and the same top on it
+  ('avg_pool', 'predictions') gives the same layers in the same order, so
+  one Keras model (built in ~10 s) serves 224 and 299. The slow tier runs
+  `parity.resnet.CHECKS` on the fixed-size application itself.
+  """
+  keras = pytest.importorskip("keras")
+  from cxr_jax.parity import keras as parity_keras
+  keras.utils.set_random_seed(3)
+  body = keras.applications.ResNet50(include_top=False, weights=None,
+                                     input_shape=(None, None, 3))
+  x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(body.output)
+  x = keras.layers.Dense(1000, name="predictions")(x)
+  net = keras.Model(body.input, x, name="resnet50")
+  parity_resnet.scale_residual_branches(net)
+  parity_keras.randomize_batch_norm(net, seed=3)
+  tmp = str(tmp_path_factory.mktemp("keras_resnet50"))
+  return net, parity_keras.save_keras_weights(net, tmp, "resnet50")
+
+
+@pytest.fixture(scope="module")
+def torch50(tmp_path_factory):
+  """A random torchvision resnet50's state dict, saved as a .pth."""
+  torch = pytest.importorskip("torch")
+  from cxr_jax.parity import torch_resnet
+  net = torch_resnet.build_torch_reference("resnet50", seed=3)
+  path = str(tmp_path_factory.mktemp("torch_resnet50") / "resnet50.pth")
+  torch.save(net.state_dict(), path)
+  return net, path
+
+
+def _flax(name, variables, meta, x):
+  model = build(name, num_classes=meta["num_classes"], **meta["model_kwargs"])
+  logits, out = jax.jit(lambda v, x: model.apply(
+      v, x, return_features=True))(variables, x)
+  return np.asarray(logits), np.asarray(out[resnet.FEATURE_MAP])
+
+
+def test_keras_resnet50_parity_both_layouts_at_224_and_299(keras50):
+  """The fast tier's Keras proof: both layouts convert to the same arrays,
+  which compute the Keras model's logits and conv5_block3_out."""
+  from cxr_jax.parity import keras as parity_keras
+  net, paths = keras50
+  ref = parity_resnet.KERAS_REFERENCES["resnet50"]
+  assert net.count_params() == KERAS_COUNTS["resnet50"]
+  converted = {layout: convert.convert_keras(path, "resnet50")
+               for layout, path in paths.items()}
+  (legacy, meta), (keras3, meta3) = converted["legacy"], converted["keras3"]
+  assert meta["layout"] == "legacy" and meta3["layout"] == "keras3"
+  for m in (meta, meta3):
+    assert m["model"] == "resnet50" and m["num_classes"] == 1000
+    assert m["model_kwargs"] == {"variant": "keras", "input_norm": "caffe"}
+  a, b = flatten(legacy), flatten(keras3)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  rng = np.random.default_rng(0)
+  for size in SIZES:
+    x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    k_logits, k_map = parity_keras.keras_outputs(ref, net, x)
+    f_logits, f_map = _flax("resnet50", legacy, meta, x)
+    assert f_map.shape == k_map.shape
+    err, map_err = np.abs(f_logits - k_logits).max(), np.abs(f_map - k_map).max()
+    print(f"keras resnet50@{size}: logits {err:.2e}, layer4 {map_err:.2e}")
+    assert err <= BAR and map_err <= MAP_BAR
+
+
+def test_torchvision_resnet50_parity_at_224_and_299():
+  pytest.importorskip("torch")
+  from cxr_jax.parity import torch_resnet
+  errors = torch_resnet.CHECKS["resnet50"](sizes=SIZES, batch=2, seed=0)
+  assert sorted(errors) == sorted(f"torchvision@{s}/{o}" for s in SIZES
+                                  for o in ("logits", "feature_map"))
+  print(errors)
+  for key, err in errors.items():
+    assert err <= (BAR if key.endswith("logits") else MAP_BAR), key
+
+
+@SLOW
+@pytest.mark.parametrize("name", sorted(resnet.MODELS))
+def test_parity_check_every_model_source_and_layout(name, registered):
+  """`parity.resnet.CHECKS`: Keras' two layouts through the registries and
+  torchvision, at 224 and 299."""
+  pytest.importorskip("keras")
+  errors = parity_resnet.CHECKS[name](sizes=(299, 224), batch=2, seed=0)
+  sources = ["legacy", "keras3"]
+  try:
+    import torch  # noqa: F401
+    sources.append("torchvision")
+  except ImportError:
+    pass
+  assert sorted(errors) == sorted(f"{src}@{s}/{o}" for src in sources
+                                  for s in SIZES
+                                  for o in ("logits", "feature_map"))
+  print(name, errors)
+  for key, err in errors.items():
+    assert err <= (BAR if key.endswith("logits") else MAP_BAR), key
+
+
+@pytest.mark.parametrize("name", ["resnet50", *DEEP])
+def test_torch_reference_has_torchvisions_parameter_count(name):
+  pytest.importorskip("torch")
+  from cxr_jax.parity import torch_resnet
+  net = torch_resnet.build_torch_reference(name)
+  assert torch_resnet.parameter_count(net) == TORCHVISION_COUNTS[name]
+  assert torch_resnet.PUBLISHED_PARAMETERS[name] == TORCHVISION_COUNTS[name]
+
+
+@SLOW
+@pytest.mark.parametrize("name", ["resnet101", "resnet152"])
+def test_keras_counts_deeper_models_as_we_do(name):
+  keras = pytest.importorskip("keras")
+  app = parity_resnet.KERAS_REFERENCES[name].application
+  net = getattr(keras.applications, app)(weights=None)
+  assert net.count_params() == KERAS_COUNTS[name]
+
+
+def test_converted_1000_class_file_loads_under_a_15_output_head(
+    torch50, tmp_path, registered):
+  _, path = torch50
+  out = str(tmp_path / "w.npz")
+  meta = weights.convert("resnet50", "torchvision", path, out)
+  assert meta["model_kwargs"] == {"variant": "torchvision",
+                                  "input_norm": "torch"}
+  name, kwargs = weights.architecture(out)
+  model = models.build(name, num_classes=15, **kwargs)
+  init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                shapes(model, 64))
+  merged = weights.merge_pretrained(init, weights.load_pretrained(out),
+                                    dont_load=[r"^params/head/"])
+  assert merged["params"]["head"]["kernel"].shape == (2048, 15)
+  np.testing.assert_array_equal(
+      merged["batch_stats"]["layer4"]["2"]["bn3"]["var"],
+      torch50[0].state_dict()["layer4.2.bn3.running_var"].numpy())
+
+
+def test_torchvision_converter_names_what_is_wrong(torch50, tmp_path, caplog):
+  torch = pytest.importorskip("torch")
+  net, path = torch50
+  sd = net.state_dict()
+
+  def save(sd):
+    p = str(tmp_path / "bad.pth")
+    torch.save(sd, p)
+    return p
+
+  missing = {k: v for k, v in sd.items()
+             if k != "layer2.0.downsample.1.running_var"}
+  with pytest.raises(ConversionError,
+                     match=r"bad.pth: missing torchvision key "
+                           r"'layer2.0.downsample.1.running_var'"):
+    convert.convert_torchvision(save(missing), "resnet50")
+  wrong = dict(sd, **{"layer3.1.conv2.weight": torch.zeros(256, 128, 3, 3)})
+  with pytest.raises(ConversionError,
+                     match=r"layer3/1/conv2/kernel: model shape "
+                           r"\(3, 3, 256, 256\) != file shape"):
+    convert.convert_torchvision(save(wrong), "resnet50")
+  deeper = dict(sd, **{"layer3.6.conv1.weight": torch.zeros(256, 1024, 1, 1)})
+  with pytest.raises(ConversionError, match=r"layer3\.6\.conv1\.weight"):
+    convert.convert_torchvision(save(deeper), "resnet50")
+  with pytest.raises(ConversionError, match="layer3.6.conv1.weight"):
+    convert.convert_torchvision(path, "resnet101")
+  text = tmp_path / "notes.pth"
+  text.write_text("not a checkpoint")
+  with pytest.raises(ConversionError, match="notes.pth is not a readable"):
+    convert.convert_torchvision(str(text), "resnet50")
+  with pytest.raises(ConversionError, match="not 'inception_v3'"):
+    convert.convert_torchvision(path, "inception_v3")
+  with caplog.at_level(logging.INFO, logger="cxr_jax.weights.resnet"):
+    convert.convert_torchvision(path, "resnet50")
+  assert "skipped torchvision entry bn1.num_batches_tracked" in caplog.text
+
+
+def _copy_h5(src, dst, rename_layer=None, drop=(), weight_suffix=""):
+  """A legacy Keras file with layers dropped or weight names changed."""
+  with h5py.File(src) as f, h5py.File(dst, "w") as g:
+    names = [n.decode() if isinstance(n, bytes) else n
+             for n in f.attrs["layer_names"]]
+    names = [n for n in names if n not in drop]
+    g.attrs["layer_names"] = [n.encode() for n in names]
+    for n in names:
+      group = g.create_group(n)
+      wnames = [w.decode() if isinstance(w, bytes) else w
+                for w in f[n].attrs["weight_names"]]
+      new = [w + weight_suffix for w in wnames]
+      group.attrs["weight_names"] = [w.encode() for w in new]
+      for w, w2 in zip(wnames, new):
+        data = f[n][w][()]
+        if rename_layer and n == rename_layer[0]:
+          data = rename_layer[1](w, data)
+        group.create_dataset(w2, data=data)
+
+
+def test_keras_converter_names_what_is_wrong(keras50, tmp_path):
+  _, paths = keras50
+  legacy = paths["legacy"]
+  # Keras 2 writes ':0' weight names; the conversion must not change.
+  k2 = str(tmp_path / "k2.h5")
+  _copy_h5(legacy, k2, weight_suffix=":0")
+  a = flatten(convert.convert_keras(legacy, "resnet50")[0])
+  b = flatten(convert.convert_keras(k2, "resnet50")[0])
+  assert sorted(a) == sorted(b)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  # include_top=False files: no head, the rest converts.
+  notop = str(tmp_path / "notop.h5")
+  _copy_h5(legacy, notop, drop=("predictions",))
+  variables, meta = convert.convert_keras(notop, "resnet50")
+  assert meta["num_classes"] is None and "head" not in variables["params"]
+
+  dropped = str(tmp_path / "dropped.h5")
+  _copy_h5(legacy, dropped, drop=("conv4_block2_3_bn",))
+  with pytest.raises(ConversionError, match="no layer 'conv4_block2_3_bn'"):
+    convert.convert_keras(dropped, "resnet50")
+  reshaped = str(tmp_path / "reshaped.h5")
+  _copy_h5(legacy, reshaped, rename_layer=(
+      "conv3_block1_2_conv",
+      lambda w, d: d[:1, :1] if "kernel" in w else d))
+  with pytest.raises(ConversionError,
+                     match=r"layer2/0/conv2/kernel: model shape "
+                           r"\(3, 3, 128, 128\) != file shape "
+                           r"\(1, 1, 128, 128\)"):
+    convert.convert_keras(reshaped, "resnet50")
+  for layout in ("legacy", "keras3"):
+    with pytest.raises(ConversionError,
+                       match=r"53 convolutions, but resnet101 has 104; the "
+                             r"file fits resnet50"):
+      convert.convert_keras(paths[layout], "resnet101")
+  text = tmp_path / "notes.h5"
+  text.write_text("not hdf5")
+  with pytest.raises(ConversionError, match="notes.h5 is not a readable HDF5"):
+    convert.convert_keras(str(text), "resnet50")
