@@ -60,14 +60,6 @@ def random_variables(model, seed=0, size=64):
       lambda p, leaf: draw(p, leaf).astype(np.float32), shapes(model, size))
 
 
-@pytest.fixture
-def registered(monkeypatch):
-  """The family in the model and converter registries, as after the merge."""
-  for name, row in resnet.MODELS.items():
-    monkeypatch.setitem(models.MODELS, name, row)
-    monkeypatch.setitem(weights.CONVERTERS, name, convert.SOURCES)
-
-
 # --------------------------------------------------------------------------
 # Architecture
 # --------------------------------------------------------------------------
@@ -199,26 +191,80 @@ def test_bad_options_and_inputs_get_clear_errors():
 # Converters
 # --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def keras50(tmp_path_factory):
-  """A random Keras ResNet50 for any input size, and both weight layouts.
+def size_free_keras(name, seed):
+  """A random Keras ResNet (logits out) for any input size.
 
-  keras.applications' ResNet50 with the 1000-way top needs a fixed input
-  size; its include_top=False body takes any, and the same top on it
-  ('avg_pool', 'predictions') gives the same layers in the same order, so
-  one Keras model (built in ~10 s) serves 224 and 299. The slow tier runs
-  `parity.resnet.CHECKS` on the fixed-size application itself.
+  keras.applications' ResNets with their 1000-way top need a fixed input
+  size, and building one costs tens of seconds here. The include_top=False
+  body takes any size, and the application's own top on it ('avg_pool',
+  'predictions') gives the same layers in the same order, so one model
+  serves 224 and 299. `parity.resnet.CHECKS` (slow tier) runs the
+  fixed-size applications themselves.
   """
   keras = pytest.importorskip("keras")
   from cxr_jax.parity import keras as parity_keras
-  keras.utils.set_random_seed(3)
-  body = keras.applications.ResNet50(include_top=False, weights=None,
-                                     input_shape=(None, None, 3))
+  keras.utils.set_random_seed(seed)
+  app = parity_resnet.KERAS_REFERENCES[name].application
+  body = getattr(keras.applications, app)(include_top=False, weights=None,
+                                          input_shape=(None, None, 3))
   x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(body.output)
   x = keras.layers.Dense(1000, name="predictions")(x)
-  net = keras.Model(body.input, x, name="resnet50")
+  net = keras.Model(body.input, x, name=name)
   parity_resnet.scale_residual_branches(net)
-  parity_keras.randomize_batch_norm(net, seed=3)
+  parity_keras.randomize_batch_norm(net, seed=seed)
+  return net
+
+
+def check_keras_parity(name, net, paths):
+  """Both layouts convert to the same arrays, which compute the Keras
+  model's logits and conv5_block3_out at 224 and 299."""
+  from cxr_jax.parity import keras as parity_keras
+  assert net.count_params() == KERAS_COUNTS[name]
+  converted = {layout: convert.convert_keras(path, name)
+               for layout, path in paths.items()}
+  (legacy, meta), (keras3, meta3) = converted["legacy"], converted["keras3"]
+  assert meta["layout"] == "legacy" and meta3["layout"] == "keras3"
+  for m in (meta, meta3):
+    assert m["model"] == name and m["num_classes"] == 1000
+    assert m["model_kwargs"] == {"variant": "keras", "input_norm": "caffe"}
+  # conv2's shortcut (_0) and last (_3) convolutions have the same shape:
+  # only equal arrays show that the Keras 3 layout's order is right.
+  a, b = flatten(legacy), flatten(keras3)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  ref = parity_resnet.KERAS_REFERENCES[name]
+  rng = np.random.default_rng(0)
+  for size in SIZES:
+    x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    k_logits, k_map = parity_keras.keras_outputs(ref, net, x)
+    model = build(name, **meta["model_kwargs"])
+    f_logits, out = jax.jit(lambda v, x: model.apply(
+        v, x, return_features=True))(legacy, x)
+    f_map = np.asarray(out[resnet.FEATURE_MAP])
+    assert f_map.shape == k_map.shape
+    err = np.abs(f_logits - k_logits).max()
+    map_err = np.abs(f_map - k_map).max()
+    print(f"keras {name}@{size}: logits {err:.2e}, layer4 {map_err:.2e}")
+    assert err <= BAR and map_err <= MAP_BAR
+
+
+def check_torchvision_parity(name):
+  pytest.importorskip("torch")
+  from cxr_jax.parity import torch_resnet
+  errors = torch_resnet.CHECKS[name](sizes=SIZES, batch=2, seed=0)
+  assert sorted(errors) == sorted(f"torchvision@{s}/{o}" for s in SIZES
+                                  for o in ("logits", "feature_map"))
+  print(name, errors)
+  for key, err in errors.items():
+    assert err <= (BAR if key.endswith("logits") else MAP_BAR), key
+
+
+@pytest.fixture(scope="module")
+def keras50(tmp_path_factory):
+  """A random Keras ResNet50 and both of its weight layouts."""
+  from cxr_jax.parity import keras as parity_keras
+  net = size_free_keras("resnet50", seed=3)
   tmp = str(tmp_path_factory.mktemp("keras_resnet50"))
   return net, parity_keras.save_keras_weights(net, tmp, "resnet50")
 
@@ -234,60 +280,33 @@ def torch50(tmp_path_factory):
   return net, path
 
 
-def _flax(name, variables, meta, x):
-  model = build(name, num_classes=meta["num_classes"], **meta["model_kwargs"])
-  logits, out = jax.jit(lambda v, x: model.apply(
-      v, x, return_features=True))(variables, x)
-  return np.asarray(logits), np.asarray(out[resnet.FEATURE_MAP])
-
-
 def test_keras_resnet50_parity_both_layouts_at_224_and_299(keras50):
-  """The fast tier's Keras proof: both layouts convert to the same arrays,
-  which compute the Keras model's logits and conv5_block3_out."""
-  from cxr_jax.parity import keras as parity_keras
-  net, paths = keras50
-  ref = parity_resnet.KERAS_REFERENCES["resnet50"]
-  assert net.count_params() == KERAS_COUNTS["resnet50"]
-  converted = {layout: convert.convert_keras(path, "resnet50")
-               for layout, path in paths.items()}
-  (legacy, meta), (keras3, meta3) = converted["legacy"], converted["keras3"]
-  assert meta["layout"] == "legacy" and meta3["layout"] == "keras3"
-  for m in (meta, meta3):
-    assert m["model"] == "resnet50" and m["num_classes"] == 1000
-    assert m["model_kwargs"] == {"variant": "keras", "input_norm": "caffe"}
-  a, b = flatten(legacy), flatten(keras3)
-  assert sorted(a) == sorted(b)
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  rng = np.random.default_rng(0)
-  for size in SIZES:
-    x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
-    k_logits, k_map = parity_keras.keras_outputs(ref, net, x)
-    f_logits, f_map = _flax("resnet50", legacy, meta, x)
-    assert f_map.shape == k_map.shape
-    err, map_err = np.abs(f_logits - k_logits).max(), np.abs(f_map - k_map).max()
-    print(f"keras resnet50@{size}: logits {err:.2e}, layer4 {map_err:.2e}")
-    assert err <= BAR and map_err <= MAP_BAR
+  check_keras_parity("resnet50", *keras50)
 
 
 def test_torchvision_resnet50_parity_at_224_and_299():
-  pytest.importorskip("torch")
-  from cxr_jax.parity import torch_resnet
-  errors = torch_resnet.CHECKS["resnet50"](sizes=SIZES, batch=2, seed=0)
-  assert sorted(errors) == sorted(f"torchvision@{s}/{o}" for s in SIZES
-                                  for o in ("logits", "feature_map"))
-  print(errors)
-  for key, err in errors.items():
-    assert err <= (BAR if key.endswith("logits") else MAP_BAR), key
+  check_torchvision_parity("resnet50")
 
 
 @SLOW
-@pytest.mark.parametrize("name", sorted(resnet.MODELS))
-def test_parity_check_every_model_source_and_layout(name, registered):
-  """`parity.resnet.CHECKS`: Keras' two layouts through the registries and
-  torchvision, at 224 and 299."""
+@pytest.mark.parametrize("name", ["resnet101", "resnet152"])
+def test_deeper_models_parity_every_source_and_layout(name, tmp_path):
+  from cxr_jax.parity import keras as parity_keras
+  net = size_free_keras(name, seed=0)
+  check_keras_parity(name, net,
+                     parity_keras.save_keras_weights(net, str(tmp_path), name))
+  del net
+  check_torchvision_parity(name)
+
+
+@SLOW
+def test_parity_check_runs_the_applications_through_the_registries():
+  """`parity.resnet.CHECKS` (the `parity-check` command): Keras' fixed-size
+  application in both layouts, through `weights.convert` and
+  `models.build`, and torchvision, at 224 and 299."""
   pytest.importorskip("keras")
-  errors = parity_resnet.CHECKS[name](sizes=(299, 224), batch=2, seed=0)
+  errors = parity_resnet.CHECKS["resnet50"](sizes=(299, 224), batch=2,
+                                            seed=0)
   sources = ["legacy", "keras3"]
   try:
     import torch  # noqa: F401
@@ -297,7 +316,7 @@ def test_parity_check_every_model_source_and_layout(name, registered):
   assert sorted(errors) == sorted(f"{src}@{s}/{o}" for src in sources
                                   for s in SIZES
                                   for o in ("logits", "feature_map"))
-  print(name, errors)
+  print(errors)
   for key, err in errors.items():
     assert err <= (BAR if key.endswith("logits") else MAP_BAR), key
 
@@ -311,17 +330,8 @@ def test_torch_reference_has_torchvisions_parameter_count(name):
   assert torch_resnet.PUBLISHED_PARAMETERS[name] == TORCHVISION_COUNTS[name]
 
 
-@SLOW
-@pytest.mark.parametrize("name", ["resnet101", "resnet152"])
-def test_keras_counts_deeper_models_as_we_do(name):
-  keras = pytest.importorskip("keras")
-  app = parity_resnet.KERAS_REFERENCES[name].application
-  net = getattr(keras.applications, app)(weights=None)
-  assert net.count_params() == KERAS_COUNTS[name]
-
-
 def test_converted_1000_class_file_loads_under_a_15_output_head(
-    torch50, tmp_path, registered):
+    torch50, tmp_path):
   _, path = torch50
   out = str(tmp_path / "w.npz")
   meta = weights.convert("resnet50", "torchvision", path, out)

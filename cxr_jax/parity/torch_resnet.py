@@ -254,6 +254,6 @@ def torch_parity(model: str, sizes=(299, 224), batch: int = 2,
 CHECKS: dict[str, Callable[..., dict[str, float]]] = {
     name: functools.partial(torch_parity, name) for name in LAYERS}
 
-__all__ = ["CHECKS", "LAYERS", "PUBLISHED_PARAMETERS",
-                      "build_torch_reference", "parameter_count",
-                      "torch_modules", "torch_outputs", "torch_parity"]
+__all__ = ["CHECKS", "LAYERS", "PUBLISHED_PARAMETERS", "build_torch_reference",
+           "parameter_count", "torch_modules", "torch_outputs",
+           "torch_parity"]

@@ -85,9 +85,12 @@ def _units_count(depth: int) -> int:
   return 1 + 3 * sum(STAGE_BLOCKS[depth]) + len(STAGE_BLOCKS[depth])
 
 
+Shapes = dict[str, tuple[int, ...]]
+
+
 @functools.lru_cache(maxsize=12)
 def _expected(model: str, variant: str, num_classes: int
-              ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+              ) -> tuple[Shapes, Shapes]:
   """(params, batch_stats) shapes of `model` by flat path, no compute."""
   net = ResNet(depth=_MODELS[model][1]["depth"], variant=variant,
                num_classes=num_classes)
@@ -123,7 +126,8 @@ def _f32(flat: dict[str, np.ndarray]) -> Tree:
 # Keras
 # --------------------------------------------------------------------------
 
-def _keras_conv(path: str, lname: str, weights) -> tuple[np.ndarray, np.ndarray]:
+def _keras_conv(path: str, lname: str, weights
+                ) -> tuple[np.ndarray, np.ndarray]:
   """(kernel, bias) of a Keras Conv2D; names where the file has them."""
   if len(weights) != 2:
     raise ConversionError(
