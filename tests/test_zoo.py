@@ -16,8 +16,8 @@ from cxr_jax import checkpoint, inference, models, parallel, train, weights
 from cxr_jax import labels as L
 
 # Their training steps compile for one to several minutes on 2 cores: the
-# slow tier runs them; the fast tier trains one network of three families.
-SLOW = {"inception_v3", "resnet101", "resnet152", "densenet121",
+# slow tier runs them; the fast tier trains ResNet-50 and VGG16.
+SLOW = {"inception_v3", "bn_inception", "resnet101", "resnet152", "densenet121",
         "densenet169", "densenet201", "vgg19", "inception_v4",
         "inception_resnet_v2"}
 
