@@ -42,4 +42,5 @@ def run(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0
   return CHECKS[model](sizes=tuple(sizes), batch=batch, seed=seed)
 
 
-__all__ = ["CHECKS", "KERAS_REFERENCES", "run", "max_abs_error", "relative_error"]
+__all__ = ["CHECKS", "KERAS_REFERENCES", "run", "max_abs_error",
+           "relative_error"]

@@ -18,21 +18,15 @@ Without torch the check says so in its log and returns nothing.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Callable
 
 from cxr_jax.parity import torch_bn_inception
-
-log = logging.getLogger(__name__)
+from cxr_jax.parity.common import torch_available
 
 
 def parity(model: str = "bn_inception", sizes=(299, 224), batch: int = 2,
            seed: int = 0) -> dict[str, float]:
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    log.warning("torch is not installed: %s's pretrainedmodels parity not "
-                "run", model)
+  if not torch_available(f"{model}'s pretrainedmodels parity"):
     return {}
   return torch_bn_inception.torch_parity(model, sizes, batch, seed)
 

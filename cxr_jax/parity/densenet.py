@@ -8,7 +8,8 @@ builder gives 'predictions' a random bias, which Keras initialises to zero.
 `CHECKS[model]` runs both proofs, the two Keras layouts
 (`cxr_jax.parity.keras.keras_parity`) and the torchvision reference
 (`cxr_jax.parity.torch_densenet`), and returns one dict of max abs errors:
-'legacy@<size>/...', 'keras3@<size>/...' and 'torchvision@<size>/...'.
+'legacy@<size>/...', 'keras3@<size>/...' and 'torchvision@<size>/...'
+(without torch, the Keras ones alone; see `keras.keras_and_torch_parity`).
 """
 
 from __future__ import annotations
@@ -41,14 +42,5 @@ KERAS_REFERENCES = {
     for d in (121, 169, 201)}
 
 
-def parity(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0
-           ) -> dict[str, float]:
-  """Both Keras layouts and the torchvision reference, one error dict."""
-  errors = keras.keras_parity(model, KERAS_REFERENCES[model], sizes, batch,
-                              seed)
-  errors.update(torch_densenet.torch_parity(model, sizes, batch, seed))
-  return errors
-
-
-CHECKS: dict[str, Callable[..., dict[str, float]]] = {
-    name: functools.partial(parity, name) for name in KERAS_REFERENCES}
+CHECKS: dict[str, Callable[..., dict[str, float]]] = keras.checks_with_torch(
+    KERAS_REFERENCES, torch_densenet)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from cxr_jax import weights
-from cxr_jax.parity.common import flax_outputs, max_abs_error
+from cxr_jax.parity.common import flax_outputs, max_abs_error, torch_available
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +145,27 @@ def keras_parity(model: str, ref: KerasReference, sizes=(299, 224),
 def checks(references: dict[str, KerasReference]) -> dict[str, Callable]:
   """{model: parity check} for rows of Keras references."""
   return {name: functools.partial(keras_parity, name, ref)
+          for name, ref in references.items()}
+
+
+def keras_and_torch_parity(model: str, ref: KerasReference, torch_module,
+                           sizes=(299, 224), batch: int = 2, seed: int = 0
+                           ) -> dict[str, float]:
+  """Both Keras layouts of `ref`, then `torch_module.torch_parity`'s torch
+  reference, one error dict; without torch, the Keras errors alone (the log
+  says so)."""
+  errors = keras_parity(model, ref, sizes, batch, seed)
+  if torch_available(f"{model}'s torch reference parity"):
+    errors.update(torch_module.torch_parity(model, sizes, batch, seed))
+  return errors
+
+
+def checks_with_torch(references: dict[str, KerasReference], torch_module
+                      ) -> dict[str, Callable]:
+  """{model: parity check} for rows of Keras references whose models also
+  have a torch reference in `torch_module` (see keras_and_torch_parity)."""
+  return {name: functools.partial(keras_and_torch_parity, name, ref,
+                                  torch_module)
           for name, ref in references.items()}
 
 

@@ -16,13 +16,9 @@ and returns the Keras errors alone.
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Callable
 
 from cxr_jax.parity import keras, torch_resnet
-
-log = logging.getLogger(__name__)
 
 # Each residual branch's last convolution (`_3_conv`) starts at this fraction
 # of Keras' Glorot draw. BatchNorm with random, not measured, running
@@ -59,23 +55,5 @@ KERAS_REFERENCES = {
         _application(f"ResNet{depth}"))
     for depth in (50, 101, 152)
 }
-KERAS_CHECKS = keras.checks(KERAS_REFERENCES)
-
-
-def resnet_parity(model: str, sizes=(299, 224), batch: int = 2,
-                  seed: int = 0) -> dict[str, float]:
-  """Keras (both layouts) and torchvision parity of `model`."""
-  errors = KERAS_CHECKS[model](sizes=sizes, batch=batch, seed=seed)
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    log.warning("torch is not installed: %s's torchvision parity not run",
-                model)
-    return errors
-  errors.update(torch_resnet.CHECKS[model](sizes=sizes, batch=batch,
-                                           seed=seed))
-  return errors
-
-
-CHECKS: dict[str, Callable[..., dict[str, float]]] = {
-    name: functools.partial(resnet_parity, name) for name in KERAS_REFERENCES}
+CHECKS: dict[str, Callable[..., dict[str, float]]] = keras.checks_with_torch(
+    KERAS_REFERENCES, torch_resnet)

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import tempfile
 from typing import Callable
 
 import numpy as np
+
 from cxr_jax.models import bn_inception
-from cxr_jax.parity.common import max_abs_error
-from cxr_jax.weights import bn_inception as wbn
-from cxr_jax.weights import common as wcommon
+from cxr_jax.parity import common
+from cxr_jax.parity.common import parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +158,8 @@ def torch_module() -> type:
 def build_torch_reference(num_classes: int = 1000, seed: int = 0):
   """BNInception (eval mode) with PyTorch's default initialisation (upstream
   sets none) and random BatchNorm statistics and affine parameters."""
-  import torch
-  torch.manual_seed(seed)
-  net = torch_module()(num_classes=num_classes)
-  rng = np.random.default_rng(seed)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        uniform = lambda lo, hi: torch.from_numpy(
-            rng.uniform(lo, hi, n).astype(np.float32))
-        normal = lambda: torch.from_numpy(
-            rng.normal(0.0, 0.2, n).astype(np.float32))
-        m.weight.copy_(uniform(0.5, 1.5))
-        m.bias.copy_(normal())
-        m.running_mean.copy_(normal())
-        m.running_var.copy_(uniform(0.5, 2.0))
-  return net.eval()
-
-
-def parameter_count(net) -> int:
-  """Parameters, not buffers (BatchNorm statistics)."""
-  return sum(p.numel() for p in net.parameters())
+  return common.random_torch_reference(
+      functools.partial(torch_module(), num_classes=num_classes), seed)
 
 
 def torch_inputs(x: np.ndarray) -> np.ndarray:
@@ -200,17 +178,18 @@ def torch_outputs(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return logits.numpy(), fmap.numpy().transpose(0, 2, 3, 1)
 
 
-def flax_outputs(variables, x: np.ndarray, **model_kwargs
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(logits, inception_5b) of our model built from its family's row."""
-  import jax
-  constructor, fixed = bn_inception.MODELS["bn_inception"]
-  net = constructor(**{**fixed, **model_kwargs},
-                    num_classes=variables["params"]["head"]["bias"].shape[0])
-  fn = jax.jit(lambda v, x: net.apply(v, x, train=False,
-                                      return_features=True))
-  logits, out = fn(variables, x)
-  return np.asarray(logits), np.asarray(out[bn_inception.FEATURE_MAP])
+# (logits, inception_5b) of our model: flax_outputs(variables, x, **kwargs).
+flax_outputs = functools.partial(common.flax_outputs, "bn_inception")
+
+
+def caffe_size(size: int) -> int:
+  """`size`, or the nearest size below that the Caffe net computes, saying
+  so in the log."""
+  checked = bn_inception.computable_size(size, "caffe")
+  if checked != size:
+    log.warning("the Caffe BN-Inception cannot compute %d-px inputs; "
+                "checking %d px instead", size, checked)
+  return checked
 
 
 def torch_parity(model: str = "bn_inception", sizes=(299, 224),
@@ -222,37 +201,17 @@ def torch_parity(model: str = "bn_inception", sizes=(299, 224),
   A size the Caffe net cannot compute (299) is checked at the nearest size
   below that it can (294), which the key names.
   """
-  import torch
   if model != "bn_inception":
     raise ValueError(f"no pretrainedmodels reference for {model!r}")
-  net = build_torch_reference(seed=seed)
-  with tempfile.TemporaryDirectory() as tmp:
-    pth = os.path.join(tmp, "bn_inception.pth")
-    torch.save(net.state_dict(), pth)
-    npz = os.path.join(tmp, "bn_inception.npz")
-    wcommon.save_converted(npz, *wbn.convert_pretrainedmodels(pth, model))
-    variables = wcommon.load_pretrained(npz)
-    _, kwargs = wcommon.architecture(npz)
-  rng = np.random.default_rng(seed + 1)
-  errors = {}
-  for size in sizes:
-    checked = bn_inception.computable_size(size, "caffe")
-    if checked != size:
-      log.warning("the Caffe BN-Inception cannot compute %d-px inputs; "
-                  "checking %d px instead", size, checked)
-    x = rng.uniform(-1, 1, (batch, checked, checked, 3)).astype(np.float32)
-    t_logits, t_map = torch_outputs(net, x)
-    f_logits, f_map = flax_outputs(variables, x, **kwargs)
-    errors[f"pretrainedmodels@{checked}/logits"] = max_abs_error(f_logits,
-                                                                 t_logits)
-    errors[f"pretrainedmodels@{checked}/feature_map"] = max_abs_error(f_map,
-                                                                      t_map)
-  return errors
+  return common.torch_parity(model, "pretrainedmodels", build_torch_reference,
+                             torch_outputs, sizes, batch, seed,
+                             input_size=caffe_size)
 
 
 CHECKS: dict[str, Callable[..., dict[str, float]]] = {
     "bn_inception": functools.partial(torch_parity, "bn_inception")}
 
 __all__ = ["CHECKS", "PRETRAINEDMODELS_VERSION", "UPSTREAM_PARAMETERS",
-           "build_torch_reference", "parameter_count",
-           "torch_inputs", "torch_module", "torch_outputs", "torch_parity"]
+           "build_torch_reference", "caffe_size", "flax_outputs",
+           "parameter_count", "torch_inputs", "torch_module", "torch_outputs",
+           "torch_parity"]

@@ -20,16 +20,13 @@ without it.
 from __future__ import annotations
 
 import functools
-import os
 import re
-import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from cxr_jax.models import densenet as flax_densenet
-from cxr_jax.parity.common import max_abs_error
-from cxr_jax.weights import densenet as converter
+from cxr_jax.parity import common
 
 # torchvision.models.densenet<d>: (growth_rate, block_config,
 # num_init_features); bn_size=4 and drop_rate=0 are the defaults.
@@ -178,44 +175,40 @@ def to_torch_input(x: np.ndarray):
   return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
 
-def flax_outputs(model: str, variables, x: np.ndarray, model_kwargs
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(logits, "features" map) of our model built from its MODELS row."""
-  import jax
-  constructor, fixed = flax_densenet.MODELS[model]
-  net = constructor(num_classes=variables["params"]["head"]["bias"].shape[0],
-                    **fixed, **model_kwargs)
-  logits, out = jax.jit(lambda v, x: net.apply(v, x, return_features=True))(
-      variables, x)
-  return np.asarray(logits), np.asarray(out[flax_densenet.FEATURE_MAP])
+def random_reference(depth: int = 121, num_classes: int = 1000,
+                     seed: int = 0):
+  """`reference(depth)` in eval mode, its initialisation drawn from `seed`,
+  with random BatchNorm statistics and classifier bias (`randomize`)."""
+  return common.random_torch_reference(
+      functools.partial(reference, depth, num_classes), seed, randomize)
 
 
-def torch_parity(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0,
-                 num_classes: int = 1000) -> dict[str, float]:
-  """{'torchvision@<size>/<logits|feature_map>': max abs error} of our
-  `model` converted from a random torchvision reference."""
+def torch_outputs(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(logits, `forward_features` NHWC) of a torchvision-style `net` for our
+  input `x` in [-1, 1] (NHWC)."""
   import torch
-  depth = int(model[len("densenet"):])
-  torch.manual_seed(seed)
-  net = reference(depth, num_classes).eval()
-  randomize(net, seed)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, f"{model}.pth")
-    torch.save(net.state_dict(), path)
-    variables, meta = converter.convert_torchvision(path, model)
-  rng = np.random.default_rng(seed + 1)
-  errors = {}
-  for size in sizes:
-    x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-    with torch.no_grad():
-      t_in = to_torch_input(x)
-      t_logits = net(t_in).numpy()
-      t_map = net.forward_features(t_in).numpy().transpose(0, 2, 3, 1)
-    f_logits, f_map = flax_outputs(model, variables, x, meta["model_kwargs"])
-    errors[f"torchvision@{size}/logits"] = max_abs_error(f_logits, t_logits)
-    errors[f"torchvision@{size}/feature_map"] = max_abs_error(f_map, t_map)
-  return errors
+  with torch.no_grad():
+    t_in = to_torch_input(x)
+    return (net(t_in).numpy(),
+            net.forward_features(t_in).numpy().transpose(0, 2, 3, 1))
 
+
+def torchvision_parity(build_reference: Callable[..., Any], model: str,
+                       sizes=(299, 224), batch: int = 2, seed: int = 0,
+                       num_classes: int = 1000) -> dict[str, float]:
+  """{'torchvision@<size>/<logits|feature_map>': max abs error} of our
+  `model` converted from `build_reference(depth, num_classes, seed=...)`:
+  a random torchvision-style reference (`torch_outputs`) of the depth that
+  ends `model`'s name."""
+  depth = int(re.search(r"\d+$", model).group())
+  return common.torch_parity(
+      model, "torchvision",
+      functools.partial(build_reference, depth, num_classes), torch_outputs,
+      sizes, batch, seed)
+
+
+# torch_parity(model, sizes, batch, seed, num_classes), DenseNet's check.
+torch_parity = functools.partial(torchvision_parity, random_reference)
 
 CHECKS = {name: functools.partial(torch_parity, name)
           for name in flax_densenet.MODELS}

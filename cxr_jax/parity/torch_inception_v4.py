@@ -24,13 +24,12 @@ statistics, saves its state dict, converts it through
 
 from __future__ import annotations
 
-import os
-import tempfile
+import functools
 
 import numpy as np
 
-from cxr_jax.parity.common import flax_outputs, max_abs_error
-from cxr_jax import weights
+from cxr_jax.parity import common
+from cxr_jax.parity.common import parameter_count  # noqa: F401 (re-export)
 
 HEADS = ("timm", "pretrainedmodels")
 # pretrainedmodels' ImageNet checkpoint keeps TF-slim's background class.
@@ -255,28 +254,10 @@ def _modules():
 def build_reference(head: str = "timm", num_classes: int | None = None,
                     seed: int = 0):
   """The reference in eval mode with random weights and random BatchNorm
-  statistics (mean ~ N(0, 0.2), var ~ U(0.5, 2), gamma ~ U(0.5, 1.5),
-  beta ~ N(0, 0.2))."""
-  import torch
-  torch.manual_seed(seed)
+  statistics (`common.randomize_batch_norm`)."""
   num_classes = NUM_CLASSES[head] if num_classes is None else num_classes
-  net = _modules()(num_classes=num_classes, head=head)
-  rng = np.random.default_rng(seed)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        t = lambda a: torch.from_numpy(a.astype(np.float32))
-        m.weight.copy_(t(rng.uniform(0.5, 1.5, n)))
-        m.bias.copy_(t(rng.normal(0.0, 0.2, n)))
-        m.running_mean.copy_(t(rng.normal(0.0, 0.2, n)))
-        m.running_var.copy_(t(rng.uniform(0.5, 2.0, n)))
-  return net.eval()
-
-
-def parameter_count(net) -> int:
-  """Trainable parameters, as published (BatchNorm statistics excluded)."""
-  return sum(p.numel() for p in net.parameters())
+  return common.random_torch_reference(
+      functools.partial(_modules(), num_classes=num_classes, head=head), seed)
 
 
 def reference_outputs(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,22 +287,10 @@ def torch_parity(sizes=(299, 224), batch: int = 2, seed: int = 0,
   """{'<source>@<size>/<logits|feature_map>': max abs error} for each
   source's reference, converted by that source's converter."""
   errors = {}
-  rng = np.random.default_rng(seed + 1)
-  inputs = {s: rng.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32)
-            for s in sizes}
-  with tempfile.TemporaryDirectory() as tmp:
-    for head in heads:
-      net = build_reference(head, seed=seed)
-      pth = save_state_dict(net, os.path.join(tmp, f"{head}.pth"))
-      out = os.path.join(tmp, f"{head}.npz")
-      weights.convert("inception_v4", head, pth, out)
-      variables = weights.load_pretrained(out)
-      kwargs = weights.architecture(out)[1]
-      for size, x in inputs.items():
-        t_logits, t_map = reference_outputs(net, x)
-        f_logits, f_map = flax_outputs("inception_v4", variables, x, **kwargs)
-        errors[f"{head}@{size}/logits"] = max_abs_error(f_logits, t_logits)
-        errors[f"{head}@{size}/feature_map"] = max_abs_error(f_map, t_map)
+  for head in heads:
+    errors.update(common.torch_parity(
+        "inception_v4", head, functools.partial(build_reference, head),
+        reference_outputs, sizes, batch, seed))
   return errors
 
 

@@ -16,17 +16,13 @@ works without it; only running a torch check needs it.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from typing import Callable
 
 import numpy as np
 
+from cxr_jax.parity import common
+from cxr_jax.parity.common import parameter_count
 from cxr_jax.weights.common import IMAGENET_MEAN, IMAGENET_STD
-from cxr_jax.models import resnet
-from cxr_jax.parity.common import max_abs_error
-from cxr_jax.weights import common as wcommon
-from cxr_jax.weights import resnet as wresnet
 
 # torchvision 0.29.1's ResNet{50,101,152}_Weights meta "num_params".
 PUBLISHED_PARAMETERS = {"resnet50": 25_557_032, "resnet101": 44_549_160,
@@ -172,34 +168,23 @@ def build_torch_reference(model: str, num_classes: int = 1000,
   the logits alone approaches the 1e-4 bar. Glorot's smaller weights keep
   the logits small, so the check measures the conversion, not rounding.
   """
-  import torch
   if model not in LAYERS:
     raise ValueError(f"no torch reference for {model!r}; choose one of "
                      f"{sorted(LAYERS)}")
+  return common.random_torch_reference(
+      functools.partial(_glorot_resnet, model, num_classes), seed)
+
+
+def _glorot_resnet(model: str, num_classes: int):
+  """torchvision's `model`, its convolutions redrawn Glorot-uniform."""
+  import torch
   bottleneck, resnet = torch_modules()
-  torch.manual_seed(seed)
   net = resnet(bottleneck, LAYERS[model], num_classes=num_classes)
-  rng = np.random.default_rng(seed)
   with torch.no_grad():
     for m in net.modules():
       if isinstance(m, torch.nn.Conv2d):
         torch.nn.init.xavier_uniform_(m.weight)
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        uniform = lambda lo, hi: torch.from_numpy(
-            rng.uniform(lo, hi, n).astype(np.float32))
-        normal = lambda: torch.from_numpy(
-            rng.normal(0.0, 0.2, n).astype(np.float32))
-        m.weight.copy_(uniform(0.5, 1.5))
-        m.bias.copy_(normal())
-        m.running_mean.copy_(normal())
-        m.running_var.copy_(uniform(0.5, 2.0))
-  return net.eval()
-
-
-def parameter_count(net) -> int:
-  """What torchvision's `num_params` counts: parameters, not buffers."""
-  return sum(p.numel() for p in net.parameters())
+  return net
 
 
 def torch_outputs(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,42 +198,14 @@ def torch_outputs(net, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return logits.numpy(), fmap.numpy().transpose(0, 2, 3, 1)
 
 
-def flax_outputs(model: str, variables, x: np.ndarray, **model_kwargs
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(logits, feature map) of our `model` built from its family's rows."""
-  import jax
-  constructor, fixed = resnet.MODELS[model]
-  net = constructor(**{**fixed, **model_kwargs},
-                    num_classes=variables["params"]["head"]["bias"].shape[0])
-  fn = jax.jit(lambda v, x: net.apply(v, x, train=False,
-                                      return_features=True))
-  logits, out = fn(variables, x)
-  return np.asarray(logits), np.asarray(out["feature_map"])
-
-
 def torch_parity(model: str, sizes=(299, 224), batch: int = 2,
                  seed: int = 0) -> dict[str, float]:
   """Saves a random torchvision `model` as a .pth, converts it through
   `cxr_jax.weights.resnet` and the converted-file round trip, and compares:
   {'torchvision@<size>/<logits|feature_map>': max abs error}."""
-  import torch
-  net = build_torch_reference(model, seed=seed)
-  with tempfile.TemporaryDirectory() as tmp:
-    pth = os.path.join(tmp, f"{model}.pth")
-    torch.save(net.state_dict(), pth)
-    npz = os.path.join(tmp, f"{model}.npz")
-    wcommon.save_converted(npz, *wresnet.convert_torchvision(pth, model))
-    variables = wcommon.load_pretrained(npz)
-    name, kwargs = wcommon.architecture(npz)
-  rng = np.random.default_rng(seed + 1)
-  errors = {}
-  for size in sizes:
-    x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-    t_logits, t_map = torch_outputs(net, x)
-    f_logits, f_map = flax_outputs(name, variables, x, **kwargs)
-    errors[f"torchvision@{size}/logits"] = max_abs_error(f_logits, t_logits)
-    errors[f"torchvision@{size}/feature_map"] = max_abs_error(f_map, t_map)
-  return errors
+  return common.torch_parity(
+      model, "torchvision", functools.partial(build_torch_reference, model),
+      torch_outputs, sizes, batch, seed)
 
 
 CHECKS: dict[str, Callable[..., dict[str, float]]] = {

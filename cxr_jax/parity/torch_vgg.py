@@ -20,15 +20,10 @@ logits and the block5_pool map. torch is imported inside the functions.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-
-import numpy as np
 
 from cxr_jax.models import vgg as flax_vgg
-from cxr_jax.parity.common import max_abs_error
-from cxr_jax.parity.torch_densenet import to_torch_input
-from cxr_jax.weights import vgg as converter
+from cxr_jax.parity import common
+from cxr_jax.parity.torch_densenet import torchvision_parity
 
 # torchvision's cfgs["D"] (vgg16) and cfgs["E"] (vgg19).
 CFGS = {
@@ -84,6 +79,11 @@ def _module():
       x = self.avgpool(self.features(x))
       return self.classifier(torch.flatten(x, 1))
 
+    def forward_features(self, x):
+      """The map our head reads: `features` (block5_pool), as DenseNet's
+      reference names it, so both share `torch_densenet.torch_outputs`."""
+      return self.features(x)
+
   return VGG
 
 
@@ -118,45 +118,17 @@ def randomize_biases(net, seed: int) -> None:
         m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
-def flax_outputs(model: str, variables, x: np.ndarray, model_kwargs
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(logits, "features" map) of our model built from its MODELS row."""
-  import jax
-  constructor, fixed = flax_vgg.MODELS[model]
-  net = constructor(num_classes=variables["params"]["head"]["bias"].shape[0],
-                    **fixed, **model_kwargs)
-  logits, out = jax.jit(lambda v, x: net.apply(v, x, return_features=True))(
-      variables, x)
-  return np.asarray(logits), np.asarray(out[flax_vgg.FEATURE_MAP])
+def random_reference(depth: int = 16, num_classes: int = 1000,
+                     seed: int = 0):
+  """`reference(depth)` in eval mode, its initialisation drawn from `seed`,
+  with random biases (`randomize_biases`)."""
+  return common.random_torch_reference(
+      functools.partial(reference, depth, num_classes), seed, randomize_biases)
 
 
-def torch_parity(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0,
-                 num_classes: int = 1000) -> dict[str, float]:
-  """{'torchvision@<size>/<logits|feature_map>': max abs error} of our
-  `model` converted from a random reference (features + global average
-  pool + our own linear, see the module docstring)."""
-  import torch
-  depth = int(model[len("vgg"):])
-  torch.manual_seed(seed)
-  net = reference(depth, num_classes).eval()
-  randomize_biases(net, seed)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, f"{model}.pth")
-    torch.save(net.state_dict(), path)
-    variables, meta = converter.convert_torchvision(path, model)
-  rng = np.random.default_rng(seed + 1)
-  errors = {}
-  for size in sizes:
-    x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-    with torch.no_grad():
-      t_in = to_torch_input(x)
-      t_logits = net(t_in).numpy()
-      t_map = net.features(t_in).numpy().transpose(0, 2, 3, 1)
-    f_logits, f_map = flax_outputs(model, variables, x, meta["model_kwargs"])
-    errors[f"torchvision@{size}/logits"] = max_abs_error(f_logits, t_logits)
-    errors[f"torchvision@{size}/feature_map"] = max_abs_error(f_map, t_map)
-  return errors
-
+# torch_parity(model, sizes, batch, seed, num_classes): VGG's check against
+# features + global average pool + our own linear (see the docstring above).
+torch_parity = functools.partial(torchvision_parity, random_reference)
 
 CHECKS = {name: functools.partial(torch_parity, name)
           for name in flax_vgg.MODELS}

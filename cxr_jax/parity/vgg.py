@@ -11,7 +11,8 @@ gives every layer random biases, which Keras initialises to zero.
 (`cxr_jax.parity.keras.keras_parity`) and the torchvision reference
 (`cxr_jax.parity.torch_vgg`: features, a 1x1 average pool and our own
 linear), and returns one dict of max abs errors: 'legacy@<size>/...',
-'keras3@<size>/...' and 'torchvision@<size>/...'.
+'keras3@<size>/...' and 'torchvision@<size>/...' (without torch, the Keras
+ones alone; see `keras.keras_and_torch_parity`).
 """
 
 from __future__ import annotations
@@ -50,14 +51,5 @@ KERAS_REFERENCES = {
     for d in (16, 19)}
 
 
-def parity(model: str, sizes=(299, 224), batch: int = 2, seed: int = 0
-           ) -> dict[str, float]:
-  """Both Keras layouts and the torchvision reference, one error dict."""
-  errors = keras.keras_parity(model, KERAS_REFERENCES[model], sizes, batch,
-                              seed)
-  errors.update(torch_vgg.torch_parity(model, sizes, batch, seed))
-  return errors
-
-
-CHECKS: dict[str, Callable[..., dict[str, float]]] = {
-    name: functools.partial(parity, name) for name in KERAS_REFERENCES}
+CHECKS: dict[str, Callable[..., dict[str, float]]] = keras.checks_with_torch(
+    KERAS_REFERENCES, torch_vgg)
