@@ -188,10 +188,14 @@ def _train_cmd(workdir, data, steps=12):
           "--config.batch_size=8", "--config.loader_threads=1"]
 
 
-def _env():
+def _env(compile_cache):
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   env["PYTHONPATH"] = str(ROOT)
+  # The five runs below compile the same programs: JAX's persistent cache
+  # lets each restart load them, as a preempted job on a cluster would. A
+  # cached executable is the one compiled, so the bit-identity check holds.
+  env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
   return env
 
 
@@ -216,7 +220,7 @@ def _wait_for_checkpoint(workdir, proc, at_least=4, timeout=300):
 @pytest.mark.slow
 def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
                                                                  tmp_path):
-  env = _env()
+  env = _env(tmp_path / "jax_cache")
   ref_dir = tmp_path / "uninterrupted"
   subprocess.run(_train_cmd(ref_dir, tiny_data), env=env, check=True,
                  capture_output=True, timeout=600)
