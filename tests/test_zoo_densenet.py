@@ -30,33 +30,12 @@ TORCHVISION_COUNTS = {121: 7_978_856, 169: 14_149_480, 201: 20_013_928}
 
 
 def jitted_keras_outputs(ref, net, x):
-  """`parity.keras.keras_outputs` under one jax.jit: Keras' eager call
-  compiles op by op, ~7x slower for DenseNet's 430 layers. Asserts that the
-  random reference leaves a signal, or the comparison would prove nothing."""
-  import keras
-  module = getattr(keras.applications, ref.preprocess_module)
-  probe = keras.Model(net.input,
-                      [net.output, net.get_layer(ref.feature_layer).output])
-  fn = jax.jit(lambda tv, ntv, x: probe.stateless_call(
-      tv, ntv, x, training=False)[0])
-  pixels = (np.asarray(x, np.float32) + 1.0) * 127.5
-  logits, fmap = fn([v.value for v in probe.trainable_variables],
-                    [v.value for v in probe.non_trainable_variables],
-                    module.preprocess_input(pixels.copy()))
-  logits, fmap = np.asarray(logits), np.asarray(fmap)
+  """The Keras side; asserts that the random reference leaves a signal, or
+  the comparison would prove nothing."""
+  from cxr_jax.parity import keras as pk
+  logits, fmap = pk.keras_outputs(ref, net, x)
   assert logits.std() > 1e-2 and fmap.std() > 1e-2
   return logits, fmap
-
-
-@pytest.fixture(scope="module")
-def registered():
-  """The zoo's registries know this family (the merge into
-  `cxr_jax.models.MODELS` happens elsewhere)."""
-  with pytest.MonkeyPatch.context() as mp:
-    for name, row in densenet.MODELS.items():
-      mp.setitem(models.MODELS, name, row)
-      mp.setitem(weights.CONVERTERS, name, convert.SOURCES)
-    yield mp
 
 
 # densenet121 in the fast tier; the deeper two are slow.
@@ -346,7 +325,7 @@ def test_notop_keras_file_converts_without_head(keras121, tmp_path):
   assert meta["num_classes"] is None and "head" not in variables["params"]
 
 
-def test_registry_rows_and_conversion_meta(registered, keras121, tmp_path):
+def test_registry_rows_and_conversion_meta(keras121, tmp_path):
   model = models.build("densenet169", num_classes=15, variant="torchvision")
   assert isinstance(model, densenet.DenseNet) and model.depth == 169
   out = str(tmp_path / "w.npz")

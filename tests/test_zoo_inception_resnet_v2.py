@@ -25,16 +25,6 @@ TOLERANCE = 1e-4  # max abs error on logits, float32
 KERAS_COUNT = 55_873_736
 
 
-@pytest.fixture(scope="module")
-def registered():
-  """The zoo's registries know this family (the merge into
-  `cxr_jax.models.MODELS` happens elsewhere)."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(models.MODELS, NAME, irv2.MODELS[NAME])
-    mp.setitem(weights.CONVERTERS, NAME, convert.SOURCES)
-    yield
-
-
 @contextlib.contextmanager
 def fast_keras_init(seed: int):
   """Keras draws each initial kernel with jax.random, which compiles one XLA
@@ -69,22 +59,6 @@ def reference(tmp_path_factory):
   return ref, net, paths, converted
 
 
-def keras_forward(ref, net, x):
-  """`parity.keras.keras_outputs`, jitted as one program: Keras' eager
-  op-by-op call takes twice as long on CPU (the slow entry-point test runs
-  the library's own)."""
-  import keras
-  module = getattr(keras.applications, ref.preprocess_module)
-  probe = keras.Model(net.input,
-                      [net.output, net.get_layer(ref.feature_layer).output])
-  fn = jax.jit(lambda tv, ntv, x: probe.stateless_call(
-      tv, ntv, x, training=False)[0])
-  out = fn([v.value for v in probe.trainable_variables],
-           [v.value for v in probe.non_trainable_variables],
-           module.preprocess_input((x + 1.0) * 127.5))
-  return tuple(np.asarray(o) for o in out)
-
-
 @pytest.fixture(scope="module")
 def forward():
   model = irv2.InceptionResNetV2()
@@ -101,7 +75,7 @@ def test_keras_parity(reference, forward, size):
       net = pk.keras_at_size(ref, net, size)
   x = np.random.default_rng(size).uniform(-1, 1, (1, size, size, 3)
                                           ).astype(np.float32)
-  k_logits, k_map = keras_forward(ref, net, x)
+  k_logits, k_map = pk.keras_outputs(ref, net, x)
   # Random weights must leave a signal, or the comparison proves nothing.
   assert k_logits.std() > 1e-2 and k_map.std() > 1e-2
   for layout, (variables, meta) in converted.items():
@@ -141,7 +115,7 @@ def test_parameter_count(reference):
                                    for k in biased)
 
 
-def test_registry_row_and_conversion_meta(registered, reference, tmp_path):
+def test_registry_row_and_conversion_meta(reference, tmp_path):
   model = models.build(NAME, num_classes=15)
   assert isinstance(model, irv2.InceptionResNetV2)
   out = str(tmp_path / "w.npz")
@@ -270,7 +244,7 @@ def test_notop_file_converts_without_head(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_parity_check_entry_point(registered):
+def test_parity_check_entry_point():
   """The check `cxr-jax parity-check` runs: registry dispatch, both layouts,
   batch 2, both sizes."""
   pytest.importorskip("keras")

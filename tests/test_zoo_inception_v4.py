@@ -24,14 +24,6 @@ PUBLISHED = 42_679_816
 
 
 @pytest.fixture(scope="module")
-def registered():
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(models.MODELS, NAME, v4.MODELS[NAME])
-    mp.setitem(weights.CONVERTERS, NAME, convert.SOURCES)
-    yield
-
-
-@pytest.fixture(scope="module")
 def references(tmp_path_factory):
   """{source: (torch reference, .pth path, converted variables, meta)}.
   pretrainedmodels' file has 1001 classes; it is converted with
@@ -118,7 +110,7 @@ def test_parameter_count(references):
   assert not any(k.endswith("conv/bias") for k in params)
 
 
-def test_registry_row_module_prefix_and_meta(registered, references,
+def test_registry_row_module_prefix_and_meta(references,
                                              tmp_path):
   import torch
   assert isinstance(models.build(NAME, num_classes=15), v4.InceptionV4)
@@ -192,7 +184,7 @@ def test_bad_inputs_are_refused():
 
 
 @pytest.mark.slow
-def test_parity_check_entry_point(registered):
+def test_parity_check_entry_point():
   """The check `cxr-jax parity-check` runs: registry dispatch, both sources
   (pretrainedmodels with its 1001 classes), batch 2, both sizes."""
   pytest.importorskip("torch")

@@ -26,17 +26,6 @@ KERAS_NOTOP_COUNTS = {16: 14_714_688, 19: 20_024_384}
 TORCHVISION_COUNTS = {16: 138_357_544, 19: 143_667_240}
 
 
-@pytest.fixture(scope="module")
-def registered():
-  """The zoo's registries know this family (the merge into
-  `cxr_jax.models.MODELS` happens elsewhere)."""
-  with pytest.MonkeyPatch.context() as mp:
-    for name, row in vgg.MODELS.items():
-      mp.setitem(models.MODELS, name, row)
-      mp.setitem(weights.CONVERTERS, name, convert.SOURCES)
-    yield mp
-
-
 def _check(name: str):
   pytest.importorskip("keras")
   pytest.importorskip("torch")
@@ -50,14 +39,14 @@ def _check(name: str):
   assert max(errors.values()) <= TOLERANCE
 
 
-def test_parity_vgg16(registered):
+def test_parity_vgg16():
   """The check `cxr-jax parity-check` runs: registry dispatch, both Keras
   layouts and the torchvision reference, at 224 and 299."""
   _check("vgg16")
 
 
 @pytest.mark.slow
-def test_parity_vgg19(registered):
+def test_parity_vgg19():
   _check("vgg19")
 
 
@@ -276,7 +265,7 @@ def test_heads_and_bfloat16():
       jnp.dtype(jnp.float32)}
 
 
-def test_registry_rows_and_conversion_meta(registered, keras16, tmp_path):
+def test_registry_rows_and_conversion_meta(keras16, tmp_path):
   model = models.build("vgg19", num_classes=15, input_norm="torch")
   assert isinstance(model, vgg.VGG) and model.depth == 19
   out = str(tmp_path / "w.npz")
