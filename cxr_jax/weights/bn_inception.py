@@ -28,12 +28,10 @@ import logging
 import os
 from typing import Any, Iterator
 
-import numpy as np
-
 from cxr_jax.models.bn_inception import BLOCKS, VARIANTS, BNInception
-from cxr_jax.weights.common import (ConversionError, Tree, check_shapes,
-                                    expected_shapes, load_torch_state_dict,
-                                    unflatten)
+from cxr_jax.weights.common import (ConversionError, StateDictReader, Tree,
+                                    checked_variables, expected_variables,
+                                    load_torch_state_dict)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +57,8 @@ def conv_names() -> Iterator[tuple[str, str]]:
 def _expected(num_classes: int) -> tuple[dict[str, tuple[int, ...]],
                                          dict[str, tuple[int, ...]]]:
   """(params, batch_stats) shapes of the Caffe variant, by flat path."""
-  net = BNInception(num_classes=num_classes, variant=VARIANT)
-  return (expected_shapes(net, 224, "params"),
-          expected_shapes(net, 224, "batch_stats"))
+  return expected_variables(
+      BNInception(num_classes=num_classes, variant=VARIANT), 224)
 
 
 def convert_pretrainedmodels(path: str, model: str = MODEL
@@ -71,59 +68,32 @@ def convert_pretrainedmodels(path: str, model: str = MODEL
   if model != MODEL:
     raise ConversionError(f"{path}: the pretrainedmodels BN-Inception "
                           f"converter converts {MODEL!r}, not {model!r}")
-  sd = load_torch_state_dict(path)
-  used = set()
-
-  def take(key: str) -> np.ndarray:
-    if key not in sd:
-      raise ConversionError(f"{path}: missing pretrainedmodels key {key!r} "
-                            f"(BN-Inception needs it; is this a bninception "
-                            f"state dict?)")
-    used.add(key)
-    return sd[key]
-
+  sd = StateDictReader(path, load_torch_state_dict(path), "pretrainedmodels",
+                       " (BN-Inception needs it; is this a bninception "
+                       "state dict?)")
   params, stats = {}, {}
   for theirs, ours in conv_names():
-    w = take(f"{theirs}.weight")
-    if w.ndim != 4:
-      raise ConversionError(f"{path}: {theirs}.weight has shape {w.shape}; "
-                            f"a 2-D convolution's is 4-D (out, in, kh, kw)")
-    params[f"{ours}/conv/kernel"] = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    params[f"{ours}/conv/bias"] = take(f"{theirs}.bias")
-    params[f"{ours}/bn/scale"] = take(f"{theirs}_bn.weight")
-    params[f"{ours}/bn/bias"] = take(f"{theirs}_bn.bias")
-    stats[f"{ours}/bn/mean"] = take(f"{theirs}_bn.running_mean")
-    stats[f"{ours}/bn/var"] = take(f"{theirs}_bn.running_var")
-  head = take("last_linear.weight")
+    params[f"{ours}/conv/kernel"] = sd.kernel(f"{theirs}.weight")
+    params[f"{ours}/conv/bias"] = sd.take(f"{theirs}.bias")
+    sd.load_batch_norm(f"{theirs}_bn", f"{ours}/bn", params, stats)
+  head = sd.take("last_linear.weight")
   if head.ndim != 2:
     raise ConversionError(f"{path}: last_linear.weight has shape "
                           f"{head.shape}; a linear layer's is 2-D")
   params["head/kernel"] = head.T
-  params["head/bias"] = take("last_linear.bias")
-  unused = sorted(set(sd) - used)
-  strays = [k for k in unused if not k.endswith(".num_batches_tracked")]
-  if strays:
-    raise ConversionError(
-        f"{path}: entries that BN-Inception does not have: "
-        f"{', '.join(strays[:5])}{' ...' if len(strays) > 5 else ''} "
-        f"(another pretrainedmodels network?)")
-  for key in unused:
-    log.info("skipped pretrainedmodels entry %s %s (a BatchNorm step "
-             "counter)", key, tuple(sd[key].shape))
-  num_classes = int(params["head/bias"].shape[0])
-  want_params, want_stats = _expected(num_classes)
-  what = f"{MODEL} (variant {VARIANT!r})"
-  check_shapes(path, params, want_params, what)
-  check_shapes(path, stats, want_stats, what)
+  params["head/bias"] = sd.take("last_linear.bias")
+  sd.skip_left_over(log, " (a BatchNorm step counter)",
+                    refuse=lambda key: True, owner="BN-Inception",
+                    hint="(another pretrainedmodels network?)")
+  variables, num_classes = checked_variables(
+      path, params, stats, _expected, f"{MODEL} (variant {VARIANT!r})")
   log.info("converted pretrainedmodels bninception (%d tensors used) from %s",
-           len(used), path)
+           len(sd.used), path)
   meta = {"source": "pretrainedmodels", "input": os.path.basename(path),
           "num_classes": num_classes, "model": MODEL,
           "model_kwargs": {"variant": VARIANT,
                            "input_norm": VARIANTS[VARIANT].input_norm}}
-  cast = lambda flat: unflatten({k: np.asarray(v, np.float32)
-                                 for k, v in flat.items()})
-  return {"params": cast(params), "batch_stats": cast(stats)}, meta
+  return variables, meta
 
 
 # source -> converter(path, model, **options); `cxr_jax.weights.convert`

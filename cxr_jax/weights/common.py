@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -108,14 +108,33 @@ def architecture(path: str) -> tuple[str, dict[str, Any]]:
       "pool_include_padding": bool(meta.get("pool_include_padding", False))}
 
 
-def expected_shapes(model, size: int, collection: str = "params"
-                    ) -> dict[str, tuple[int, ...]]:
-  """Shape of every variable of `model` by flat path, without computing."""
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _variable_shapes(model, size: int) -> dict[str, Shapes]:
+  """{collection: {flat path: shape}} of `model`, without computing."""
   import jax
   import jax.numpy as jnp
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3))))
-  return {p: tuple(v.shape) for p, v in flatten(shapes[collection]).items()}
+  return {collection: {p: tuple(v.shape) for p, v in flatten(tree).items()}
+          for collection, tree in shapes.items()}
+
+
+def expected_shapes(model, size: int, collection: str = "params") -> Shapes:
+  """Shape of every variable of `model` by flat path, without computing."""
+  return _variable_shapes(model, size)[collection]
+
+
+def expected_variables(model, size: int, head: bool = True
+                       ) -> tuple[Shapes, Shapes]:
+  """(params, batch_stats) shapes of `model`. Without `head/` entries when
+  the file has no head: the new head is initialised, not loaded."""
+  shapes = _variable_shapes(model, size)
+  params = shapes["params"]
+  if not head:
+    params = {k: v for k, v in params.items() if not k.startswith("head/")}
+  return params, shapes.get("batch_stats", {})
 
 
 def check_shapes(path: str, converted: Mapping[str, np.ndarray],
@@ -135,6 +154,25 @@ def check_shapes(path: str, converted: Mapping[str, np.ndarray],
   if problems:
     raise ConversionError(f"{path} does not fit {what}:\n  " +
                           "\n  ".join(problems))
+
+
+def checked_variables(path: str, params: Mapping[str, np.ndarray],
+                      stats: Mapping[str, np.ndarray],
+                      expected: Callable[[int | None], tuple[Shapes, Shapes]],
+                      what: str, stats_what: str | None = None
+                      ) -> tuple[Tree, int | None]:
+  """A converter's last step: the variables as float32 trees, and the
+  head's class count (None for a file without a head), once every array
+  fits `expected(class count)`, the model's (params, batch_stats) shapes.
+  `what` names the model in errors (`stats_what` for the statistics)."""
+  num_classes = (int(params["head/bias"].shape[0]) if "head/bias" in params
+                 else None)
+  want_params, want_stats = expected(num_classes)
+  check_shapes(path, params, want_params, what)
+  check_shapes(path, stats, want_stats, stats_what or what)
+  cast = lambda flat: unflatten({k: np.asarray(v, np.float32)
+                                 for k, v in flat.items()})
+  return {"params": cast(params), "batch_stats": cast(stats)}, num_classes
 
 
 # --------------------------------------------------------------------------
@@ -252,6 +290,51 @@ def keras_bn(lname: str, weights: list[tuple[str, np.ndarray]]):
           named["moving_variance"])
 
 
+def sort_keras_layers(layers: Mapping[str, list[tuple[str, np.ndarray]]],
+                      log: logging.Logger, conv_bias: bool = False
+                      ) -> tuple[list[str], list[str], list[str]]:
+  """(convolutions, BatchNorms, dense layers) of a Keras file, told apart by
+  the ranks of their arrays; convolutions and BatchNorms in creation-rank
+  order, which anonymous layers' names carry. A convolution holds a kernel
+  (and a bias where `conv_bias`); any other layer is logged, on the
+  converter's `log`, as skipped."""
+  convs, bns, dense = [], [], []
+  for lname, weights in layers.items():
+    ranks = [a.ndim for _, a in weights]
+    if (ranks[:1] == [4] and all(r == 1 for r in ranks[1:]) and
+        (conv_bias or len(ranks) == 1)):
+      convs.append(lname)
+    elif ranks and all(r == 1 for r in ranks):
+      bns.append(lname)
+    elif ranks == [2, 1]:
+      dense.append(lname)
+    else:
+      log.info("skipped Keras layer %s with arrays of rank %s", lname, ranks)
+  convs.sort(key=creation_rank)
+  bns.sort(key=creation_rank)
+  return convs, bns, dense
+
+
+def fold_keras_conv_bn(path: str, layers, ours: str, conv_name: str,
+                       bn_name: str, params: dict, stats: dict) -> None:
+  """Stores Keras conv `conv_name` and its BatchNorm `bn_name` as our
+  ConvBN `ours`, whose BatchNorm has no scale: gamma (Wx - mu) / s =
+  (gamma W x - gamma mu) / s, so gamma goes into the kernel and the mean
+  (exact at inference)."""
+  kernel = layers[conv_name][0][1]
+  gamma, beta, mean, var = keras_bn(bn_name, layers[bn_name])
+  if kernel.shape[-1] != beta.shape[0]:
+    raise ConversionError(
+        f"{path}: {conv_name} (as {ours}) has {kernel.shape[-1]} filters but "
+        f"{bn_name} normalises {beta.shape[0]} channels: layer order broken")
+  if gamma is not None:
+    kernel, mean = kernel * gamma, mean * gamma
+  params[f"{ours}/conv/kernel"] = kernel
+  params[f"{ours}/bn/bias"] = beta
+  stats[f"{ours}/bn/mean"] = mean
+  stats[f"{ours}/bn/var"] = var
+
+
 # --------------------------------------------------------------------------
 # PyTorch state dicts
 # --------------------------------------------------------------------------
@@ -279,3 +362,67 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
       np.float64) for k, v in sd.items()}
 
 
+class StateDictReader:
+  """A state dict read key by key. It remembers what was taken, so the
+  entries left over can be logged as skipped or refused by name; a missing
+  key is an error naming the file, the `source` and the key, then `hint`."""
+
+  def __init__(self, path: str, entries: Mapping[str, np.ndarray],
+               source: str = "torchvision", hint: str = ""):
+    self.path, self.entries = path, entries
+    self.source, self.hint = source, hint
+    self.used: set[str] = set()
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.entries
+
+  def take(self, key: str) -> np.ndarray:
+    if key not in self.entries:
+      raise ConversionError(f"{self.path}: missing {self.source} key "
+                            f"{key!r}{self.hint}")
+    self.used.add(key)
+    return self.entries[key]
+
+  def kernel(self, key: str,
+             expected: str = "a 2-D convolution's is 4-D (out, in, kh, kw)"
+             ) -> np.ndarray:
+    """Convolution weight `key` as our HWIO kernel; `expected` completes
+    the error for a weight that is not 4-D."""
+    w = self.take(key)
+    if w.ndim != 4:
+      raise ConversionError(f"{self.path}: {key} has shape {w.shape}; "
+                            f"{expected}")
+    return w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+
+  def batch_norm(self, prefix: str) -> tuple[np.ndarray, ...]:
+    """(weight, bias, running_mean, running_var) of BatchNorm `prefix`."""
+    return tuple(self.take(f"{prefix}.{name}") for name in
+                 ("weight", "bias", "running_mean", "running_var"))
+
+  def load_batch_norm(self, prefix: str, ours: str, params: dict,
+                      stats: dict) -> None:
+    """BatchNorm `prefix` into our scaled BatchNorm `ours`."""
+    (params[f"{ours}/scale"], params[f"{ours}/bias"], stats[f"{ours}/mean"],
+     stats[f"{ours}/var"]) = self.batch_norm(prefix)
+
+  def left_over(self) -> list[str]:
+    """The keys no `take` asked for, sorted."""
+    return sorted(set(self.entries) - self.used)
+
+  def skip_left_over(self, log: logging.Logger, note: str = "",
+                     refuse: Callable[[str], bool] | None = None,
+                     owner: str = "", hint: str = "") -> None:
+    """Logs each left-over entry as skipped, on the converter's `log`. With
+    `refuse`, the left-over entries it picks (BatchNorm step counters
+    aside) are instead an error: entries that `owner` does not have."""
+    unused = self.left_over()
+    strays = [k for k in unused if refuse is not None and refuse(k)
+              and not k.endswith(".num_batches_tracked")]
+    if strays:
+      raise ConversionError(
+          f"{self.path}: entries that {owner} does not have: "
+          f"{', '.join(strays[:5])}{' ...' if len(strays) > 5 else ''} "
+          f"{hint}")
+    for key in unused:
+      log.info("skipped %s entry %s %s" + note, self.source, key,
+               tuple(self.entries[key].shape))

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from cxr_jax.models.densenet import BLOCK_CONFIGS, DenseNet
-from cxr_jax.weights.common import (ConversionError, Tree, check_shapes,
-                                    creation_rank, expected_shapes, keras_bn,
-                                    load_torch_state_dict, read_keras_layers,
-                                    unflatten)
+from cxr_jax.weights.common import (ConversionError, StateDictReader, Tree,
+                                    checked_variables, creation_rank,
+                                    expected_variables, keras_bn,
+                                    load_torch_state_dict, read_keras_layers)
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +85,16 @@ def _expected(depth: int, num_classes: int | None
   """(params, batch_stats) shapes of our model; without `head` when the file
   has none (a `_notop` or features-only file)."""
   model = DenseNet(num_classes=num_classes or 1, depth=depth)
-  params = expected_shapes(model, 64)
-  if num_classes is None:
-    params = {k: v for k, v in params.items() if not k.startswith("head/")}
-  return params, expected_shapes(model, 64, "batch_stats")
+  return expected_variables(model, 64, head=num_classes is not None)
 
 
 def _finish(path: str, model: str, depth: int, params: dict, stats: dict,
             meta: dict[str, Any]) -> tuple[Tree, dict[str, Any]]:
-  num_classes = (int(params["head/bias"].shape[0]) if "head/bias" in params
-                 else None)
-  expected_params, expected_stats = _expected(depth, num_classes)
-  check_shapes(path, params, expected_params, f"{model}'s parameters")
-  check_shapes(path, stats, expected_stats, f"{model}'s BatchNorm statistics")
-  cast = lambda t: {k: np.asarray(v, np.float32) for k, v in t.items()}
-  meta = {**meta, "input": os.path.basename(path), "num_classes": num_classes,
-          "model": model}
-  return ({"params": unflatten(cast(params)),
-           "batch_stats": unflatten(cast(stats))}, meta)
+  variables, num_classes = checked_variables(
+      path, params, stats, functools.partial(_expected, depth),
+      f"{model}'s parameters", f"{model}'s BatchNorm statistics")
+  return variables, {**meta, "input": os.path.basename(path),
+                     "num_classes": num_classes, "model": model}
 
 
 # --------------------------------------------------------------------------
@@ -227,29 +219,19 @@ def convert_torchvision(path: str, model: str = "densenet121"
     raise ConversionError(
         f"{path} is not a torchvision DenseNet state dict: no "
         f"'features.conv0.weight' (its first keys: {list(raw)[:3]})")
-  used = set()
-
-  def take(key):
-    if key not in sd:
-      raise ConversionError(f"{path}: missing torchvision key {key!r} "
-                            f"for {model}")
-    used.add(key)
-    return sd[key]
-
+  entries = StateDictReader(path, sd, hint=f" for {model}")
   params, stats = {}, {}
   for _, ours, kind in layer_list(depth):
     tv = ours.replace("/", ".")
     if kind == "conv":
-      params[f"{ours}/kernel"] = take(f"{tv}.weight").transpose(2, 3, 1, 0)
+      params[f"{ours}/kernel"] = entries.take(f"{tv}.weight").transpose(
+          2, 3, 1, 0)  # OIHW -> HWIO
     else:
-      params[f"{ours}/scale"] = take(f"{tv}.weight")
-      params[f"{ours}/bias"] = take(f"{tv}.bias")
-      stats[f"{ours}/mean"] = take(f"{tv}.running_mean")
-      stats[f"{ours}/var"] = take(f"{tv}.running_var")
+      entries.load_batch_norm(tv, ours, params, stats)
   if "classifier.weight" in sd:
-    params["head/kernel"] = take("classifier.weight").T
-    params["head/bias"] = take("classifier.bias")
-  left = sorted(set(sd) - used)
+    params["head/kernel"] = entries.take("classifier.weight").T
+    params["head/bias"] = entries.take("classifier.bias")
+  left = entries.left_over()
   for key in [k for k in left if k.endswith("num_batches_tracked")]:
     log.info("skipped torchvision entry %s (a BatchNorm step counter)",
              origin[key])
@@ -262,8 +244,8 @@ def convert_torchvision(path: str, model: str = "densenet121"
     log.info("renamed %d legacy/wrapped DenseNet keys (e.g. %s -> %s) in %s",
              renamed, *next((origin[k], k) for k in sd if k != origin[k]),
              path)
-  log.info("converted torchvision %s (%d tensors) from %s", model, len(used),
-           path)
+  log.info("converted torchvision %s (%d tensors) from %s", model,
+           len(entries.used), path)
   return _finish(path, model, depth, params, stats, {
       "source": "torchvision", "renamed_keys": renamed,
       "model_kwargs": {"variant": "torchvision", "input_norm": "torch"}})

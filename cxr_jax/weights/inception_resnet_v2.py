@@ -30,9 +30,9 @@ import re
 from typing import Any, Sequence
 
 from cxr_jax.models.inception_resnet_v2 import REPEATS, STEM, InceptionResNetV2
-from cxr_jax.weights.common import (ConversionError, Tree, check_shapes,
-                                    creation_rank, expected_shapes, keras_bn,
-                                    read_keras_layers, unflatten)
+from cxr_jax.weights.common import (ConversionError, Tree, checked_variables,
+                                    expected_variables, fold_keras_conv_bn,
+                                    read_keras_layers, sort_keras_layers)
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +102,15 @@ def _expected(num_classes: int | None) -> tuple[dict, dict]:
   """(params, batch_stats) shapes by flat path; no head when `num_classes`
   is None (a notop file)."""
   model = InceptionResNetV2(num_classes=num_classes or 1)
-  params = expected_shapes(model, 299)
-  if num_classes is None:
-    params = {k: v for k, v in params.items() if not k.startswith("head/")}
-  return params, expected_shapes(model, 299, "batch_stats")
-
-
-def _classify(path: str, layers) -> tuple[list, list, list]:
-  convs, bns, dense = [], [], []
-  for lname, arrays in layers.items():
-    ranks = [a.ndim for _, a in arrays]
-    if ranks and ranks[0] == 4 and all(r == 1 for r in ranks[1:]):
-      convs.append(lname)
-    elif ranks and all(r == 1 for r in ranks):
-      bns.append(lname)
-    elif ranks == [2, 1]:
-      dense.append(lname)
-    else:
-      log.info("skipped Keras layer %s with arrays of rank %s", lname, ranks)
-  if len(dense) > 1:
-    raise ConversionError(f"{path}: more than one dense layer: {dense}")
-  return convs, bns, dense
+  return expected_variables(model, 299, head=num_classes is not None)
 
 
 def _legacy_pairs(path, convs, bns) -> tuple[dict, dict]:
-  """{our conv path: file conv layer}, {our conv path: file BN layer}."""
+  """{our conv path: file conv layer}, {our conv path: file BN layer};
+  `convs` and `bns` in creation-rank order."""
   conv_of, bn_of = {}, {}
-  auto_convs = sorted((c for c in convs if _AUTO_CONV.match(c)),
-                      key=creation_rank)
-  auto_bns = sorted((b for b in bns if _AUTO_BN.match(b)), key=creation_rank)
+  auto_convs = [c for c in convs if _AUTO_CONV.match(c)]
+  auto_bns = [b for b in bns if _AUTO_BN.match(b)]
   if len(auto_convs) != len(LEGACY_CONV_ORDER) or len(auto_bns) != len(
       LEGACY_CONV_ORDER):
     raise ConversionError(
@@ -157,8 +137,6 @@ def _legacy_pairs(path, convs, bns) -> tuple[dict, dict]:
 
 
 def _keras3_pairs(path, convs, bns) -> tuple[dict, dict]:
-  convs = sorted(convs, key=creation_rank)
-  bns = sorted(bns, key=creation_rank)
   if len(convs) != len(KERAS3_CONV_ORDER) or len(bns) != len(KERAS3_BN_ORDER):
     raise ConversionError(
         f"{path} (keras3 layout): found {len(convs)} convolutions and "
@@ -173,7 +151,9 @@ def convert_keras(path: str, model: str = MODEL
   """Converts a Keras InceptionResNetV2 weights file (legacy .h5 or
   .weights.h5, with or without the 'predictions' head)."""
   layout, layers = read_keras_layers(path)
-  convs, bns, dense = _classify(path, layers)
+  convs, bns, dense = sort_keras_layers(layers, log, conv_bias=True)
+  if len(dense) > 1:
+    raise ConversionError(f"{path}: more than one dense layer: {dense}")
   pairs = _legacy_pairs if layout == "legacy" else _keras3_pairs
   conv_of, bn_of = pairs(path, convs, bns)
   params, stats = {}, {}
@@ -191,38 +171,18 @@ def convert_keras(path: str, model: str = MODEL
     if ours not in bn_of:
       raise ConversionError(f"{path}: no BatchNorm layer for {lname} "
                             f"(as {ours}); expected conv_7b_bn")
-    kernel = arrays[0]
-    gamma, beta, mean, var = keras_bn(bn_of[ours], layers[bn_of[ours]])
-    if kernel.shape[-1] != beta.shape[0]:
-      raise ConversionError(
-          f"{path}: {lname} (as {ours}) has {kernel.shape[-1]} filters but "
-          f"{bn_of[ours]} normalises {beta.shape[0]} channels: layer order "
-          f"broken")
-    if gamma is not None:
-      # Our BatchNorm has no scale: gamma (Wx - mu) / s = (gamma W x -
-      # gamma mu) / s, exact at inference.
-      kernel, mean = kernel * gamma, mean * gamma
-    params[f"{ours}/conv/kernel"] = kernel
-    params[f"{ours}/bn/bias"] = beta
-    stats[f"{ours}/bn/mean"] = mean
-    stats[f"{ours}/bn/var"] = var
-  num_classes = None
+    fold_keras_conv_bn(path, layers, ours, lname, bn_of[ours], params, stats)
   if dense:
     (_, kernel), (_, bias) = layers[dense[0]]
     params["head/kernel"], params["head/bias"] = kernel, bias
-    num_classes = int(bias.shape[0])
-  want_params, want_stats = _expected(num_classes)
-  what = f"InceptionResNetV2 ({layout} layout)"
-  check_shapes(path, params, want_params, what)
-  check_shapes(path, stats, want_stats, what)
-  cast = lambda t: {k: v.astype("float32") for k, v in t.items()}
+  variables, num_classes = checked_variables(
+      path, params, stats, _expected, f"InceptionResNetV2 ({layout} layout)")
   meta = {"source": "keras", "layout": layout,
           "input": os.path.basename(path), "num_classes": num_classes,
           "model": MODEL, "model_kwargs": {"input_norm": "inception"}}
   log.info("converted %d Keras convolutions%s from %s", len(conv_of),
            f" and a {num_classes}-way head" if dense else "", path)
-  return ({"params": unflatten(cast(params)),
-           "batch_stats": unflatten(cast(stats))}, meta)
+  return variables, meta
 
 
 MODELS: Sequence[str] = (MODEL,)

@@ -48,10 +48,10 @@ import numpy as np
 
 from cxr_jax.models.inception_v3 import BLOCKS, STEM, InceptionV3
 from cxr_jax.weights.common import (IMAGENET_MEAN, IMAGENET_STD,
-                                    ConversionError, Tree, creation_rank,
-                                    expected_shapes, keras_bn,
+                                    ConversionError, StateDictReader, Tree,
+                                    expected_shapes, fold_keras_conv_bn,
                                     load_torch_state_dict, read_keras_layers,
-                                    unflatten)
+                                    sort_keras_layers, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +124,7 @@ def convert_keras(path: str, model: str = "inception_v3"
   layout, layers = read_keras_layers(path)
   order = KERAS_CONV_ORDER if layout == "legacy" else KERAS3_CONV_ORDER
   expected = _expected_kernel_shapes()
-  convs, bns, dense = [], [], []
-  for lname, weights in layers.items():
-    shapes = [a.ndim for _, a in weights]
-    if shapes == [4]:
-      convs.append(lname)
-    elif shapes and all(d == 1 for d in shapes):
-      bns.append(lname)
-    elif shapes == [2, 1]:
-      dense.append(lname)
-    else:
-      log.info("skipped Keras layer %s with arrays of rank %s", lname, shapes)
-  convs.sort(key=creation_rank)
-  bns.sort(key=creation_rank)
+  convs, bns, dense = sort_keras_layers(layers, log)
   if len(convs) != len(KERAS_CONV_ORDER) or len(bns) != len(KERAS_CONV_ORDER):
     raise ConversionError(
         f"{path}: found {len(convs)} convolutions and {len(bns)} BatchNorm "
@@ -150,17 +138,7 @@ def convert_keras(path: str, model: str = "inception_v3"
       raise ConversionError(
           f"{path} ({layout} layout): layer {conv_name} maps to {ours}, whose "
           f"kernel is {expected[ours]}, but the file's is {kernel.shape}")
-    gamma, beta, mean, var = keras_bn(bn_name, layers[bn_name])
-    if kernel.shape[-1] != beta.shape[0]:
-      raise ConversionError(
-          f"{path}: {conv_name} (as {ours}) has {kernel.shape[-1]} filters but "
-          f"{bn_name} normalises {beta.shape[0]} channels: layer order broken")
-    if gamma is not None:
-      kernel, mean = kernel * gamma, mean * gamma
-    params[f"{ours}/conv/kernel"] = kernel
-    params[f"{ours}/bn/bias"] = beta
-    stats[f"{ours}/bn/mean"] = mean
-    stats[f"{ours}/bn/var"] = var
+    fold_keras_conv_bn(path, layers, ours, conv_name, bn_name, params, stats)
   if dense:
     (_, kernel), (_, bias) = layers[dense[0]]
     params["head/kernel"], params["head/bias"] = kernel, bias
@@ -183,22 +161,13 @@ def convert_torchvision(path: str, model: str = "inception_v3",
                         transform_input: bool = True
                         ) -> tuple[Tree, dict[str, Any]]:
   """Converts a torchvision `inception_v3` state dict (see module docstring)."""
-  sd = load_torch_state_dict(path)
-  used = set()
-
-  def take(key):
-    if key not in sd:
-      raise ConversionError(f"{path}: missing torchvision key {key!r}")
-    used.add(key)
-    return sd[key]
-
-  has_aux = any(k.startswith("AuxLogits.") for k in sd)
+  sd = StateDictReader(path, load_torch_state_dict(path))
+  has_aux = any(k.startswith("AuxLogits.") for k in sd.entries)
   params, stats = {}, {}
   for ours in KERAS_CONV_ORDER + (_AUX_CONVS if has_aux else ()):
     tv = ours.replace("/", ".")
-    w = take(f"{tv}.conv.weight").transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    gamma, beta = take(f"{tv}.bn.weight"), take(f"{tv}.bn.bias")
-    mean, var = take(f"{tv}.bn.running_mean"), take(f"{tv}.bn.running_var")
+    w = sd.take(f"{tv}.conv.weight").transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    gamma, beta, mean, var = sd.batch_norm(f"{tv}.bn")
     if ours == KERAS_CONV_ORDER[0] and not transform_input:
       # z = a*x + b maps our [-1, 1] input to ImageNet normalisation.
       a = 1.0 / (2.0 * IMAGENET_STD)
@@ -212,13 +181,12 @@ def convert_torchvision(path: str, model: str = "inception_v3",
     params[f"{ours}/bn/bias"] = beta
     stats[f"{ours}/bn/mean"] = mean * gamma
     stats[f"{ours}/bn/var"] = var
-  params["head/kernel"] = take("fc.weight").T
-  params["head/bias"] = take("fc.bias")
+  params["head/kernel"] = sd.take("fc.weight").T
+  params["head/bias"] = sd.take("fc.bias")
   if has_aux:
-    params["AuxLogits/fc/kernel"] = take("AuxLogits.fc.weight").T
-    params["AuxLogits/fc/bias"] = take("AuxLogits.fc.bias")
-  for key in sorted(set(sd) - used):
-    log.info("skipped torchvision entry %s %s", key, tuple(sd[key].shape))
+    params["AuxLogits/fc/kernel"] = sd.take("AuxLogits.fc.weight").T
+    params["AuxLogits/fc/bias"] = sd.take("AuxLogits.fc.bias")
+  sd.skip_left_over(log)
   cast = lambda t: {k: v.astype(np.float32) for k, v in t.items()}
   meta = {"source": "torchvision", "input": os.path.basename(path),
           "num_classes": int(params["head/bias"].shape[0]),
@@ -227,7 +195,7 @@ def convert_torchvision(path: str, model: str = "inception_v3",
           "model_kwargs": {"pool_include_padding": True,
                            "input_norm": "inception"}}
   log.info("converted torchvision inception_v3 (%d tensors used) from %s",
-           len(used), path)
+           len(sd.used), path)
   return ({"params": unflatten(cast(params)),
            "batch_stats": unflatten(cast(stats))}, meta)
 

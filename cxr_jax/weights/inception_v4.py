@@ -29,51 +29,48 @@ import logging
 import os
 from typing import Any, Sequence
 
-import numpy as np
-
 from cxr_jax.models.inception_v4 import BLOCKS, STEM, InceptionV4
-from cxr_jax.weights.common import (ConversionError, Tree, check_shapes,
-                                    expected_shapes, load_torch_state_dict,
-                                    unflatten)
+from cxr_jax.weights.common import (ConversionError, StateDictReader, Tree,
+                                    checked_variables, expected_variables,
+                                    load_torch_state_dict)
 
 log = logging.getLogger(__name__)
 
 MODEL = "inception_v4"
 
-# Each block's conv-BN units: (torch path inside the block, ours).
-_BLOCK_CONVS: dict[str, tuple[tuple[str, str], ...]] = {
-    "Mixed3a": (("conv", "conv"),),
-    "Mixed4a": (("branch0.0", "branch0_0"), ("branch0.1", "branch0_1"),
-                ("branch1.0", "branch1_0"), ("branch1.1", "branch1_1"),
-                ("branch1.2", "branch1_2"), ("branch1.3", "branch1_3")),
-    "Mixed5a": (("conv", "conv"),),
-    "InceptionA": (("branch0", "branch0"), ("branch1.0", "branch1_0"),
-                   ("branch1.1", "branch1_1"), ("branch2.0", "branch2_0"),
-                   ("branch2.1", "branch2_1"), ("branch2.2", "branch2_2"),
-                   ("branch3.1", "branch_pool")),
-    "ReductionA": (("branch0", "branch0"), ("branch1.0", "branch1_0"),
-                   ("branch1.1", "branch1_1"), ("branch1.2", "branch1_2")),
-    "InceptionB": (("branch0", "branch0"), ("branch1.0", "branch1_0"),
-                   ("branch1.1", "branch1_1"), ("branch1.2", "branch1_2"),
-                   ("branch2.0", "branch2_0"), ("branch2.1", "branch2_1"),
-                   ("branch2.2", "branch2_2"), ("branch2.3", "branch2_3"),
-                   ("branch2.4", "branch2_4"), ("branch3.1", "branch_pool")),
-    "ReductionB": (("branch0.0", "branch0_0"), ("branch0.1", "branch0_1"),
-                   ("branch1.0", "branch1_0"), ("branch1.1", "branch1_1"),
-                   ("branch1.2", "branch1_2"), ("branch1.3", "branch1_3")),
-    "InceptionC": (("branch0", "branch0"), ("branch1_0", "branch1_0"),
-                   ("branch1_1a", "branch1_1a"), ("branch1_1b", "branch1_1b"),
-                   ("branch2_0", "branch2_0"), ("branch2_1", "branch2_1"),
-                   ("branch2_2", "branch2_2"), ("branch2_3a", "branch2_3a"),
-                   ("branch2_3b", "branch2_3b"), ("branch3.1", "branch_pool")),
+# Each block's conv-BN units by torch path inside the block, in order.
+_BLOCK_CONVS: dict[str, tuple[str, ...]] = {
+    "Mixed3a": ("conv",),
+    "Mixed4a": ("branch0.0", "branch0.1", "branch1.0", "branch1.1",
+                "branch1.2", "branch1.3"),
+    "Mixed5a": ("conv",),
+    "InceptionA": ("branch0", "branch1.0", "branch1.1", "branch2.0",
+                   "branch2.1", "branch2.2", "branch3.1"),
+    "ReductionA": ("branch0", "branch1.0", "branch1.1", "branch1.2"),
+    "InceptionB": ("branch0", "branch1.0", "branch1.1", "branch1.2",
+                   "branch2.0", "branch2.1", "branch2.2", "branch2.3",
+                   "branch2.4", "branch3.1"),
+    "ReductionB": ("branch0.0", "branch0.1", "branch1.0", "branch1.1",
+                   "branch1.2", "branch1.3"),
+    "InceptionC": ("branch0", "branch1_0", "branch1_1a", "branch1_1b",
+                   "branch2_0", "branch2_1", "branch2_2", "branch2_3a",
+                   "branch2_3b", "branch3.1"),
 }
+
+
+def _our_name(torch_path: str) -> str:
+  """`branch1.0` -> `branch1_0`; the pool branch's conv, `branch3.1` (after
+  its pool, `branch3.0`), is our `branch_pool`."""
+  if torch_path == "branch3.1":
+    return "branch_pool"
+  return torch_path.replace(".", "_")
 
 
 def _torch_to_ours() -> tuple[tuple[str, str], ...]:
   pairs = [(f"features.{i}", name) for i, (name, *_) in enumerate(STEM)]
   for j, (name, block) in enumerate(BLOCKS, start=len(STEM)):
-    pairs += [(f"features.{j}.{t}", f"{name}/{o}")
-              for t, o in _BLOCK_CONVS[block.__name__]]
+    pairs += [(f"features.{j}.{t}", f"{name}/{_our_name(t)}")
+              for t in _BLOCK_CONVS[block.__name__]]
   return tuple(pairs)
 
 
@@ -85,38 +82,21 @@ assert len(TORCH_TO_OURS) == 149
 @functools.lru_cache(maxsize=8)
 def _expected(num_classes: int | None) -> tuple[dict, dict]:
   model = InceptionV4(num_classes=num_classes or 1)
-  params = expected_shapes(model, 299)
-  if num_classes is None:
-    params = {k: v for k, v in params.items() if not k.startswith("head/")}
-  return params, expected_shapes(model, 299, "batch_stats")
+  return expected_variables(model, 299, head=num_classes is not None)
 
 
 def _convert(path: str, source: str, drop_background: bool = False
              ) -> tuple[Tree, dict[str, Any]]:
-  sd = load_torch_state_dict(path)
-  used = set()
-
-  def take(key):
-    if key not in sd:
-      raise ConversionError(f"{path}: missing {source} key {key!r} (is this "
-                            f"an Inception V4 state dict?)")
-    used.add(key)
-    return sd[key]
-
+  sd = StateDictReader(path, load_torch_state_dict(path), source,
+                       " (is this an Inception V4 state dict?)")
   params, stats = {}, {}
   for t, ours in TORCH_TO_OURS:
-    w = take(f"{t}.conv.weight")
-    if w.ndim != 4:
-      raise ConversionError(f"{path}: {t}.conv.weight has shape {w.shape}; "
-                            f"expected a 4-d OIHW kernel")
-    params[f"{ours}/conv/kernel"] = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    params[f"{ours}/bn/scale"] = take(f"{t}.bn.weight")
-    params[f"{ours}/bn/bias"] = take(f"{t}.bn.bias")
-    stats[f"{ours}/bn/mean"] = take(f"{t}.bn.running_mean")
-    stats[f"{ours}/bn/var"] = take(f"{t}.bn.running_var")
-  num_classes = None
+    params[f"{ours}/conv/kernel"] = sd.kernel(f"{t}.conv.weight",
+                                              "expected a 4-d OIHW kernel")
+    sd.load_batch_norm(f"{t}.bn", f"{ours}/bn", params, stats)
   if "last_linear.weight" in sd:
-    kernel, bias = take("last_linear.weight").T, take("last_linear.bias")
+    kernel = sd.take("last_linear.weight").T
+    bias = sd.take("last_linear.bias")
     if drop_background:
       if bias.shape[0] != 1001:
         raise ConversionError(
@@ -124,22 +104,16 @@ def _convert(path: str, source: str, drop_background: bool = False
             f"from a 1001-way last_linear; this one has {bias.shape[0]}")
       kernel, bias = kernel[:, 1:], bias[1:]
     params["head/kernel"], params["head/bias"] = kernel, bias
-    num_classes = int(bias.shape[0])
-  for key in sorted(set(sd) - used):
-    log.info("skipped %s entry %s %s", source, key, tuple(sd[key].shape))
-  want_params, want_stats = _expected(num_classes)
-  what = f"InceptionV4 ({source})"
-  check_shapes(path, params, want_params, what)
-  check_shapes(path, stats, want_stats, what)
-  cast = lambda t: {k: np.asarray(v, np.float32) for k, v in t.items()}
+  sd.skip_left_over(log)
+  variables, num_classes = checked_variables(
+      path, params, stats, _expected, f"InceptionV4 ({source})")
   meta = {"source": source, "input": os.path.basename(path),
           "num_classes": num_classes, "drop_background": drop_background,
           "model": MODEL, "model_kwargs": {"input_norm": "inception"}}
   log.info("converted %s inception_v4 (%d tensors used%s) from %s", source,
-           len(used), f", {num_classes}-way head" if num_classes else "",
+           len(sd.used), f", {num_classes}-way head" if num_classes else "",
            path)
-  return ({"params": unflatten(cast(params)),
-           "batch_stats": unflatten(cast(stats))}, meta)
+  return variables, meta
 
 
 def convert_timm(path: str, model: str = MODEL

@@ -45,10 +45,11 @@ import numpy as np
 
 from cxr_jax.models.resnet import MODELS as _MODELS
 from cxr_jax.models.resnet import STAGE_BLOCKS, VARIANTS, ResNet
-from cxr_jax.weights.common import (ConversionError, Tree, check_shapes,
-                                    creation_rank, expected_shapes, keras_bn,
-                                    load_torch_state_dict, read_keras_layers,
-                                    unflatten)
+from cxr_jax.weights.common import (ConversionError, Shapes,
+                                    StateDictReader, Tree, checked_variables,
+                                    creation_rank, expected_variables,
+                                    keras_bn, load_torch_state_dict,
+                                    read_keras_layers)
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +86,22 @@ def _units_count(depth: int) -> int:
   return 1 + 3 * sum(STAGE_BLOCKS[depth]) + len(STAGE_BLOCKS[depth])
 
 
-Shapes = dict[str, tuple[int, ...]]
-
-
 @functools.lru_cache(maxsize=12)
-def _expected(model: str, variant: str, num_classes: int
+def _expected(model: str, variant: str, num_classes: int | None
               ) -> tuple[Shapes, Shapes]:
-  """(params, batch_stats) shapes of `model` by flat path, no compute."""
+  """(params, batch_stats) shapes of `model` by flat path, no compute;
+  without the head for a notop file (num_classes None)."""
   net = ResNet(depth=_MODELS[model][1]["depth"], variant=variant,
-               num_classes=num_classes)
-  return (expected_shapes(net, 64, "params"),
-          expected_shapes(net, 64, "batch_stats"))
+               num_classes=num_classes or 1)
+  return expected_variables(net, 64, head=num_classes is not None)
 
 
-def _check(path: str, model: str, variant: str, params: dict, stats: dict,
-           has_head: bool) -> None:
-  num_classes = int(params["head/bias"].shape[0]) if has_head else 1
-  want_params, want_stats = _expected(model, variant, num_classes)
-  if not has_head:  # a notop file: the new head is initialised, not loaded
-    want_params = {k: v for k, v in want_params.items()
-                   if not k.startswith("head/")}
-  what = f"{model} (variant {variant!r})"
-  check_shapes(path, params, want_params, what)
-  check_shapes(path, stats, want_stats, what)
+def _finish(path: str, model: str, variant: str, params: dict, stats: dict
+            ) -> tuple[Tree, int | None]:
+  """Checked float32 variables and the head's class count (None: no head)."""
+  return checked_variables(
+      path, params, stats, functools.partial(_expected, model, variant),
+      f"{model} (variant {variant!r})")
 
 
 def _meta(source: str, path: str, model: str, variant: str,
@@ -116,10 +110,6 @@ def _meta(source: str, path: str, model: str, variant: str,
           "num_classes": num_classes, "model": model,
           "model_kwargs": {"variant": variant,
                            "input_norm": VARIANTS[variant].input_norm}}
-
-
-def _f32(flat: dict[str, np.ndarray]) -> Tree:
-  return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 # --------------------------------------------------------------------------
@@ -229,13 +219,12 @@ def convert_keras(path: str, model: str = "resnet50"
     params["head/kernel"], params["head/bias"] = kernel, bias
   for lname in sorted(set(layers) - used):
     log.info("skipped Keras layer %s (%d arrays)", lname, len(layers[lname]))
-  _check(path, model, "keras", params, stats, has_head)
-  num_classes = int(params["head/bias"].shape[0]) if has_head else None
+  variables, num_classes = _finish(path, model, "keras", params, stats)
   log.info("converted Keras %s (%s layout, %d layers)%s from %s", model,
            layout, len(used), f" with a {num_classes}-way head"
            if has_head else "", path)
-  meta = _meta("keras", path, model, "keras", num_classes, layout=layout)
-  return {"params": _f32(params), "batch_stats": _f32(stats)}, meta
+  return variables, _meta("keras", path, model, "keras", num_classes,
+                          layout=layout)
 
 
 # --------------------------------------------------------------------------
@@ -263,45 +252,22 @@ def convert_torchvision(path: str, model: str = "resnet50"
                         ) -> tuple[Tree, dict[str, Any]]:
   """Converts a torchvision `resnet50/101/152` state dict."""
   depth = _depth(path, model)
-  sd = load_torch_state_dict(path)
-  used = set()
-
-  def take(key: str) -> np.ndarray:
-    if key not in sd:
-      raise ConversionError(f"{path}: missing torchvision key {key!r} "
-                            f"(resnet{depth} needs it)")
-    used.add(key)
-    return sd[key]
-
+  sd = StateDictReader(path, load_torch_state_dict(path),
+                       hint=f" (resnet{depth} needs it)")
   params, stats = {}, {}
   for tconv, tbn, conv, bn in _torchvision_units(depth):
-    w = take(f"{tconv}.weight")
-    if w.ndim != 4:
-      raise ConversionError(f"{path}: {tconv}.weight has shape {w.shape}; a "
-                            f"2-D convolution's is 4-D (out, in, kh, kw)")
-    params[f"{conv}/kernel"] = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    params[f"{bn}/scale"] = take(f"{tbn}.weight")
-    params[f"{bn}/bias"] = take(f"{tbn}.bias")
-    stats[f"{bn}/mean"] = take(f"{tbn}.running_mean")
-    stats[f"{bn}/var"] = take(f"{tbn}.running_var")
-  params["head/kernel"] = take("fc.weight").T
-  params["head/bias"] = take("fc.bias")
-  unused = sorted(set(sd) - used)
-  strays = [k for k in unused if _TORCHVISION_KEY.match(k)
-            and not k.endswith(".num_batches_tracked")]
-  if strays:
-    raise ConversionError(
-        f"{path}: entries that resnet{depth} does not have: "
-        f"{', '.join(strays[:5])}{' ...' if len(strays) > 5 else ''} "
-        f"(a deeper ResNet, or another torchvision model?)")
-  for key in unused:
-    log.info("skipped torchvision entry %s %s", key, tuple(sd[key].shape))
-  _check(path, model, "torchvision", params, stats, has_head=True)
-  num_classes = int(params["head/bias"].shape[0])
+    params[f"{conv}/kernel"] = sd.kernel(f"{tconv}.weight")
+    sd.load_batch_norm(tbn, bn, params, stats)
+  params["head/kernel"] = sd.take("fc.weight").T
+  params["head/bias"] = sd.take("fc.bias")
+  sd.skip_left_over(log, refuse=_TORCHVISION_KEY.match,
+                    owner=f"resnet{depth}",
+                    hint="(a deeper ResNet, or another torchvision model?)")
+  variables, num_classes = _finish(path, model, "torchvision", params, stats)
   log.info("converted torchvision %s (%d tensors used) from %s", model,
-           len(used), path)
-  meta = _meta("torchvision", path, model, "torchvision", num_classes)
-  return {"params": _f32(params), "batch_stats": _f32(stats)}, meta
+           len(sd.used), path)
+  return variables, _meta("torchvision", path, model, "torchvision",
+                          num_classes)
 
 
 # source -> converter(path, model, **options); `cxr_jax.weights.convert`

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 from cxr_jax.models.vgg import BLOCK_CONFIGS, VGG, WIDTHS, conv_names
-from cxr_jax.weights.common import (ConversionError, Tree, check_shapes,
-                                    creation_rank, expected_shapes,
-                                    load_torch_state_dict, read_keras_layers,
-                                    unflatten)
+from cxr_jax.weights.common import (ConversionError, StateDictReader, Tree,
+                                    checked_variables, creation_rank,
+                                    expected_variables, load_torch_state_dict,
+                                    read_keras_layers)
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,20 @@ def torchvision_indices(depth: int) -> dict[int, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _expected(depth: int, num_classes: int | None) -> dict[str, tuple]:
-  shapes = expected_shapes(VGG(num_classes=num_classes or 1, depth=depth), 32)
-  if num_classes is None:
-    shapes = {k: v for k, v in shapes.items() if not k.startswith("head/")}
-  return shapes
+def _expected(depth: int, num_classes: int | None) -> tuple[dict, dict]:
+  """(params, batch_stats: none) shapes; without `head` for a file without
+  one."""
+  model = VGG(num_classes=num_classes or 1, depth=depth)
+  return expected_variables(model, 32, head=num_classes is not None)
 
 
 def _finish(path: str, model: str, depth: int, params: dict,
             meta: dict[str, Any]) -> tuple[Tree, dict[str, Any]]:
-  num_classes = (int(params["head/bias"].shape[0]) if "head/bias" in params
-                 else None)
-  check_shapes(path, params, _expected(depth, num_classes),
-               f"{model}'s parameters")
-  params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-  meta = {**meta, "input": os.path.basename(path), "num_classes": num_classes,
-          "model": model}
-  return {"params": unflatten(params), "batch_stats": {}}, meta
+  variables, num_classes = checked_variables(
+      path, params, {}, functools.partial(_expected, depth),
+      f"{model}'s parameters")
+  return variables, {**meta, "input": os.path.basename(path),
+                     "num_classes": num_classes, "model": model}
 
 
 def _head_or_skip(path: str, name: str, kernel: np.ndarray, inputs: int,
@@ -178,35 +175,28 @@ def convert_torchvision(path: str, model: str = "vgg16"
     raise ConversionError(
         f"{path}: convolutions at features.{convs}, but {model}'s are at "
         f"features.{expected}" + (f" (a {other[0]} file)" if other else ""))
-  used = set()
-
-  def take(key):
-    if key not in sd:
-      raise ConversionError(f"{path}: missing torchvision key {key!r} "
-                            f"for {model}")
-    used.add(key)
-    return sd[key]
-
+  entries = StateDictReader(path, sd, hint=f" for {model}")
   params = {}
   for index, ours in torchvision_indices(depth).items():
-    params[f"{ours}/kernel"] = take(f"features.{index}.weight").transpose(
-        2, 3, 1, 0)  # OIHW -> HWIO
-    params[f"{ours}/bias"] = take(f"features.{index}.bias")
+    params[f"{ours}/kernel"] = entries.take(
+        f"features.{index}.weight").transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    params[f"{ours}/bias"] = entries.take(f"features.{index}.bias")
   head, skipped = [], []
   # `classifier` (one Linear) or `classifier.<i>` (a Sequential), in order.
   linears = sorted((k[:-len(".weight")] for k in sd
                     if re.fullmatch(r"classifier(\.\d+)?\.weight", k)),
                    key=lambda k: int(k.partition(".")[2] or -1))
   for name in linears:
-    weight, bias = take(f"{name}.weight"), take(f"{name}.bias")
+    weight = entries.take(f"{name}.weight")
+    bias = entries.take(f"{name}.bias")
     if _head_or_skip(path, name, weight, weight.shape[1], head, skipped):
       params["head/kernel"], params["head/bias"] = weight.T, bias
-  extra = sorted(set(sd) - used)
+  extra = entries.left_over()
   if extra:
     raise ConversionError(f"{path}: entries {extra[:4]} are not part of "
                           f"{model} (another model's file?)")
-  log.info("converted torchvision %s (%d tensors) from %s", model, len(used),
-           path)
+  log.info("converted torchvision %s (%d tensors) from %s", model,
+           len(entries.used), path)
   return _finish(path, model, depth, params, {
       "source": "torchvision", "skipped": skipped,
       "model_kwargs": {"input_norm": "torch"}})
