@@ -57,8 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cxr_jax.models.common import (LSE_R, Dtype, check_input, grid_geometry,
-                                   head_outputs, normalize_input)
+from cxr_jax.models.common import (Backbone, ConvBN, Layer, grid_geometry,
+                                   lookup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +121,7 @@ BLOCKS: Sequence[tuple[str, str, tuple[Any, ...]]] = (
 
 
 def resolve_variant(name: str) -> Variant:
-  if name not in VARIANTS:
-    raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got "
-                     f"{name!r}")
-  return VARIANTS[name]
+  return lookup(VARIANTS, name)
 
 
 # --------------------------------------------------------------------------
@@ -294,41 +291,46 @@ def feature_grid(size: int, variant: str = "caffe"
 # Layers
 # --------------------------------------------------------------------------
 
-class _Layer(nn.Module):
+def conv_bn(v: Variant, features: int, kernel: int, stride: int = 1,
+            **kwargs) -> ConvBN:
+  """Conv -> BatchNorm -> ReLU as variant `v` builds and pads them."""
+  padding = "SAME" if v.same_padding else ((kernel // 2, kernel // 2),) * 2
+  return ConvBN(features, (kernel, kernel), (stride, stride), padding,
+                bn_epsilon=v.bn_epsilon, bn_scale=v.bn_scale,
+                kernel_init=v.kernel_init, use_bias=v.conv_bias, **kwargs)
+
+
+def halving_max_pool(v: Variant, x):
+  """The stem's and the reductions' 3x3/2 max pool: TF's 'SAME', or the
+  Caffe net's unpadded one in ceil_mode."""
+  if v.same_padding:
+    return max_pool(x, 3, 2, "SAME")
+  return max_pool(x, 3, 2, 0, ceil_mode=True)
+
+
+class _Layer(Layer):
   """Settings every layer shares (variant and bn_momentum resolved)."""
 
   variant: str = "caffe"
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
   bn_momentum: float = 0.9
 
-  def settings(self) -> dict[str, Any]:
-    return dict(variant=self.variant, dtype=self.dtype,
-                bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum)
+  def conv_bn(self, features: int, kernel: int, name: str, stride: int = 1
+              ) -> ConvBN:
+    return conv_bn(resolve_variant(self.variant), features, kernel, stride,
+                   name=name, **self.settings())
 
-
-class ConvBN(_Layer):
-  """Conv -> BatchNorm -> ReLU, padded as the variant pads."""
-
-  features: int = 64
-  kernel: int = 1
-  stride: int = 1
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    v = resolve_variant(self.variant)
-    k = self.kernel
-    x = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride),
-                padding="SAME" if v.same_padding else ((k // 2, k // 2),) * 2,
-                use_bias=v.conv_bias, dtype=self.dtype,
-                kernel_init=v.kernel_init, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=v.bn_epsilon, use_scale=v.bn_scale,
-                     dtype=self.dtype,
-                     axis_name=self.bn_axis_name if train else None,
-                     # Two-pass variance: E[x^2] - E[x]^2 cancels badly.
-                     use_fast_variance=False, name="bn")(x)
-    return nn.relu(x)
+  def conv_branches(self, x, train: bool, widths: Sequence[int],
+                    stride: int = 1) -> list:
+    """The two branches every block has, 1x1 -> 3x3 and 1x1 -> 3x3 -> 3x3
+    (`widths`: 3x3_reduce, 3x3, double_3x3_reduce, double_3x3), whose last
+    convolutions have `stride`."""
+    c3r, c3, cdr, cd = widths
+    b3 = self.conv_bn(c3r, 1, "3x3_reduce")(x, train)
+    b3 = self.conv_bn(c3, 3, "3x3", stride)(b3, train)
+    bd = self.conv_bn(cdr, 1, "double_3x3_reduce")(x, train)
+    bd = self.conv_bn(cd, 3, "double_3x3_1")(bd, train)
+    bd = self.conv_bn(cd, 3, "double_3x3_2", stride)(bd, train)
+    return [b3, bd]
 
 
 class SeparableConv1(_Layer):
@@ -363,14 +365,8 @@ class Mixed(_Layer):
     v = resolve_variant(self.variant)
     c1, c3r, c3, cdr, cd, proj, pool = self.widths
     proj = v.pool_proj_4c_4d if proj is None else proj
-    conv = lambda f, k, name: ConvBN(features=f, kernel=k, name=name,
-                                     **self.settings())
-    b1 = conv(c1, 1, "1x1")(x, train)
-    b3 = conv(c3r, 1, "3x3_reduce")(x, train)
-    b3 = conv(c3, 3, "3x3")(b3, train)
-    bd = conv(cdr, 1, "double_3x3_reduce")(x, train)
-    bd = conv(cd, 3, "double_3x3_1")(bd, train)
-    bd = conv(cd, 3, "double_3x3_2")(bd, train)
+    b1 = self.conv_bn(c1, 1, "1x1")(x, train)
+    b3, bd = self.conv_branches(x, train, (c3r, c3, cdr, cd))
     padding = "SAME" if v.same_padding else 1
     if pool == "avg":
       # Caffe counts the padding (count_include_pad=True); TF's 'SAME' pool
@@ -379,7 +375,7 @@ class Mixed(_Layer):
                     count_include_pad=not v.same_padding)
     else:
       bp = max_pool(x, 3, 1, padding, ceil_mode=not v.same_padding)
-    bp = conv(proj, 1, "pool_proj")(bp, train)
+    bp = self.conv_bn(proj, 1, "pool_proj")(bp, train)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -391,22 +387,11 @@ class Reduction(_Layer):
   @nn.compact
   def __call__(self, x, train: bool):
     v = resolve_variant(self.variant)
-    c3r, c3, cdr, cd = self.widths
-    conv = lambda f, k, name, s=1: ConvBN(features=f, kernel=k, stride=s,
-                                          name=name, **self.settings())
-    b3 = conv(c3r, 1, "3x3_reduce")(x, train)
-    b3 = conv(c3, 3, "3x3", 2)(b3, train)
-    bd = conv(cdr, 1, "double_3x3_reduce")(x, train)
-    bd = conv(cd, 3, "double_3x3_1")(bd, train)
-    bd = conv(cd, 3, "double_3x3_2", 2)(bd, train)
-    if v.same_padding:
-      bp = max_pool(x, 3, 2, "SAME")
-    else:
-      bp = max_pool(x, 3, 2, 0, ceil_mode=True)
-    return jnp.concatenate([b3, bd, bp], axis=-1)
+    branches = self.conv_branches(x, train, self.widths, stride=2)
+    return jnp.concatenate(branches + [halving_max_pool(v, x)], axis=-1)
 
 
-class BNInception(nn.Module):
+class BNInception(Backbone):
   """BN-Inception / Inception V2 with a `num_classes`-way linear head.
 
   Attributes:
@@ -428,45 +413,31 @@ class BNInception(nn.Module):
   "inception_5b" beside `models.common.classifier_head`'s maps.
   """
 
-  num_classes: int = 1000
   variant: str = "caffe"
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float | None = None
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
-  dropout_rate: float = 0.0
-  input_norm: str | None = None
+  VARIANTS = VARIANTS
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    v = resolve_variant(self.variant)
-    check_input(x, MIN_INPUT_SIZE, "BN-Inception")
+    v = self.upstream()
+    x = self.model_input(x, MIN_INPUT_SIZE, "BN-Inception")
     if not v.same_padding:
       for side in sorted(set(x.shape[1:3])):
         check_caffe_size(side)
-    norm = v.input_norm if self.input_norm is None else self.input_norm
-    momentum = v.bn_momentum if self.bn_momentum is None else self.bn_momentum
-    settings = dict(variant=self.variant, dtype=self.dtype,
-                    bn_axis_name=self.bn_axis_name, bn_momentum=momentum)
-
-    x = normalize_input(x, norm).astype(self.dtype)
+    settings = self.layer_settings()
     if v.separable_conv1:
-      x = SeparableConv1(features=64, name="conv1_7x7_s2", **settings)(x, train)
+      x = SeparableConv1(features=64, name="conv1_7x7_s2", variant=self.variant,
+                         **settings)(x, train)
     else:
-      x = ConvBN(features=64, kernel=7, stride=2, name="conv1_7x7_s2",
-                 **settings)(x, train)
-    pool = (lambda y: max_pool(y, 3, 2, "SAME")) if v.same_padding else (
-        lambda y: max_pool(y, 3, 2, 0, ceil_mode=True))
-    x = pool(x)
-    x = ConvBN(features=64, kernel=1, name="conv2_3x3_reduce",
-               **settings)(x, train)
-    x = ConvBN(features=192, kernel=3, name="conv2_3x3", **settings)(x, train)
-    x = pool(x)
+      x = conv_bn(v, 64, 7, 2, name="conv1_7x7_s2", **settings)(x, train)
+    x = halving_max_pool(v, x)
+    x = conv_bn(v, 64, 1, name="conv2_3x3_reduce", **settings)(x, train)
+    x = conv_bn(v, 192, 3, name="conv2_3x3", **settings)(x, train)
+    x = halving_max_pool(v, x)
     for name, kind, widths in BLOCKS:
       block = Mixed if kind == "mixed" else Reduction
-      x = block(widths=widths, name=name, **settings)(x, train)
-    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+      x = block(widths=widths, name=name, variant=self.variant,
+                **settings)(x, train)
+    return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The CAM grid for `size`-px inputs (see `feature_grid`)."""

@@ -1,5 +1,7 @@
-"""What every backbone shares: the classifier head and its class maps, input
-normalisation, grid geometry for CAM, and dtype helpers.
+"""What every backbone shares: the interface's fields (`Backbone`), the
+classifier head and its class maps, input normalisation, the layers'
+BatchNorm settings (`Layer`), the Inception families' blocks
+(`InceptionBlock`), grid geometry for CAM, and dtype helpers.
 
 The model interface (every family in `cxr_jax.models` follows it):
 
@@ -22,7 +24,8 @@ The model interface (every family in `cxr_jax.models` follows it):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import flax.linen as nn
 import jax
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+T = TypeVar("T")
 
 HEAD_POOLINGS = ("avg", "lse", "lse_features")
 LSE_R = 10.0
@@ -102,23 +106,31 @@ def check_input(x, min_size: int, family: str) -> None:
                      f"{min_size}, got {tuple(x.shape[1:3])}")
 
 
-def head_outputs(module, x, named: dict, train: bool, return_features: bool,
-                 pooling: str | None = None):
-  """The model interface's return, for a module with the standard fields
-  (num_classes, head_pooling, lse_r, dropout_rate, dtype): logits, or
-  (logits, {**named maps, **the head's out}). Call inside compact."""
-  logits, out = classifier_head(
-      x, num_classes=module.num_classes,
-      pooling=pooling or module.head_pooling, lse_r=module.lse_r,
-      dropout_rate=module.dropout_rate, dtype=module.dtype, train=train,
-      class_maps=return_features)
-  return (logits, {**named, **out}) if return_features else logits
+def lookup(table: Mapping[Any, T], key: Any, what: str = "variant") -> T:
+  """`table[key]`, or a ValueError naming `what` and the choices: how a
+  family resolves its `variant` (the upstream it follows) or its `depth`."""
+  if key not in table:
+    raise ValueError(f"{what} must be one of {sorted(table)}, got {key!r}")
+  return table[key]
+
+
+def batch_norm(train: bool, *, epsilon: float, momentum: float,
+               axis_name: str | None, dtype: Dtype, name: str,
+               use_scale: bool = True) -> nn.BatchNorm:
+  """BatchNorm as every backbone runs it: batch statistics averaged over
+  `axis_name` in training only, and the two-pass variance (E[x^2] - E[x]^2
+  cancels badly, and the rounding compounds through a deep network)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
+                      epsilon=epsilon, use_scale=use_scale, dtype=dtype,
+                      axis_name=axis_name if train else None,
+                      use_fast_variance=False, name=name)
 
 
 class ConvBN(nn.Module):
-  """Conv -> BatchNorm -> ReLU, the unit of the Inception family (Keras'
-  `conv2d_bn`, torchvision's and timm's BasicConv2d). Parameters `conv/...`
-  and `bn/...`, the names every converter maps to."""
+  """Conv -> BatchNorm -> ReLU, the unit of the Inception families (Keras'
+  `conv2d_bn`, torchvision's and timm's BasicConv2d, the Caffe
+  BN-Inception's triples). Parameters `conv/...` and `bn/...`, the names
+  every converter maps to."""
 
   features: int
   kernel_size: tuple[int, int]
@@ -130,20 +142,191 @@ class ConvBN(nn.Module):
   bn_epsilon: float = 1e-3
   bn_scale: bool = False  # Keras' Inceptions have no gamma; timm's have one
   kernel_init: Any = nn.initializers.lecun_normal()
+  use_bias: bool = False  # only the Caffe BN-Inception's convs have one
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                padding=self.padding, use_bias=False, dtype=self.dtype,
+                padding=self.padding, use_bias=self.use_bias, dtype=self.dtype,
                 kernel_init=self.kernel_init, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, use_scale=self.bn_scale,
-                     dtype=self.dtype,
-                     axis_name=self.bn_axis_name if train else None,
-                     # Two-pass variance: E[x^2] - E[x]^2 cancels badly,
-                     # and the rounding compounds through a deep network.
-                     use_fast_variance=False, name="bn")(x)
+    x = batch_norm(train, epsilon=self.bn_epsilon, momentum=self.bn_momentum,
+                   axis_name=self.bn_axis_name, dtype=self.dtype,
+                   use_scale=self.bn_scale, name="bn")(x)
     return nn.relu(x)
+
+
+class Layer(nn.Module):
+  """What every sub-module of a backbone carries, as its model resolved it:
+  the compute dtype and BatchNorm's sync axis and momentum."""
+
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float = 0.99
+
+  def settings(self) -> dict[str, Any]:
+    """These fields, for the sub-modules this one builds."""
+    return dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                bn_momentum=self.bn_momentum)
+
+  def batch_norm(self, train: bool, epsilon: float, name: str,
+                 use_scale: bool = True) -> nn.BatchNorm:
+    """`batch_norm` with this layer's settings."""
+    return batch_norm(train, epsilon=epsilon, momentum=self.bn_momentum,
+                      axis_name=self.bn_axis_name, dtype=self.dtype,
+                      use_scale=use_scale, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One conv-BN-ReLU of an Inception branch (`InceptionBlock.conv`'s
+  arguments)."""
+
+  features: int
+  kernel: tuple[int, int]
+  name: str
+  strides: tuple[int, int] = (1, 1)
+  padding: str = "SAME"
+
+
+def max_pool_3x3(x, stride: int = 2):
+  """The Inception stems' and reductions' 3x3 'VALID' max pool."""
+  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding="VALID")
+
+
+StemRow = tuple[str, int, tuple[int, int], tuple[int, int], str]
+
+
+def slim_stem(names: Sequence[str]) -> tuple[StemRow, ...]:
+  """TF-slim's Inception V3 stem, which Inception-ResNet-V2 reuses and
+  Inception V4 begins with: (name, features, kernel, strides, padding) of
+  its first `len(names)` convolutions, named `names`. In V3 and
+  Inception-ResNet-V2 a 3x3/2 max pool follows the third and the fifth."""
+  convs = ((32, (3, 3), (2, 2), "VALID"), (32, (3, 3), (1, 1), "VALID"),
+           (64, (3, 3), (1, 1), "SAME"), (80, (1, 1), (1, 1), "VALID"),
+           (192, (3, 3), (1, 1), "VALID"))
+  return tuple((name, *conv) for name, conv in zip(names, convs[:len(names)],
+                                                    strict=True))
+
+
+def reduction_a(k: int, l: int, m: int, n: int) -> tuple[list, ...]:
+  """The branches of Reduction-A (35 -> 17), which Inception V4 and
+  Inception-ResNet-V2 share with their own filter counts (Szegedy et al.
+  2016, Figure 7 and Table 1), in timm's and TF-slim's names."""
+  return (
+      [Unit(n, (3, 3), "branch0", (2, 2), "VALID")],
+      [Unit(k, (1, 1), "branch1_0"), Unit(l, (3, 3), "branch1_1"),
+       Unit(m, (3, 3), "branch1_2", (2, 2), "VALID")],
+      [max_pool_3x3],
+  )
+
+
+class InceptionBlock(Layer):
+  """A block of an Inception family (V3, V4, Inception-ResNet-V2): parallel
+  branches of conv-BN-ReLU units and pools, concatenated.
+
+  A family sets its BatchNorm's `bn_epsilon` and `bn_scale` (class
+  attributes: they are what its weights were trained with, not options). A
+  block lists its branches in `branches()`, each a list of steps run in
+  order: a `Unit`, a function of the map (a pool), or a tuple of branches
+  run side by side and concatenated (the 1x3 | 3x1 split of the 8x8
+  blocks).
+  """
+
+  bn_epsilon: ClassVar[float]
+  bn_scale: ClassVar[bool]
+
+  @classmethod
+  def conv_bn(cls, features: int, kernel: tuple[int, int],
+              strides: tuple[int, int] = (1, 1), padding: str = "SAME",
+              **kwargs) -> ConvBN:
+    """The family's conv-BN-ReLU (a model's stem builds them with this)."""
+    return ConvBN(features, kernel, strides, padding, bn_epsilon=cls.bn_epsilon,
+                  bn_scale=cls.bn_scale, **kwargs)
+
+  def conv(self, unit: Unit, **options) -> ConvBN:
+    """`unit` with this block's settings."""
+    return self.conv_bn(unit.features, unit.kernel, unit.strides,
+                        unit.padding, name=unit.name, **options,
+                        **self.settings())
+
+  def avg_pool_3x3(self, x):
+    """The pool branches' 3x3/1 average, which leaves the padding out of the
+    mean (TensorFlow's, timm's `count_include_pad=False`)."""
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
+                       count_include_pad=False)
+
+  def run(self, x, train: bool, steps: Sequence[Any]):
+    """One branch: its steps in order."""
+    for step in steps:
+      if isinstance(step, Unit):
+        x = self.conv(step)(x, train)
+      elif isinstance(step, tuple):
+        x = self.side_by_side(x, train, step)
+      else:
+        x = step(x)
+    return x
+
+  def side_by_side(self, x, train: bool, branches: Sequence[Sequence[Any]]):
+    """`branches` each applied to `x`, concatenated in order."""
+    return jnp.concatenate([self.run(x, train, b) for b in branches], axis=-1)
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return self.side_by_side(x, train, self.branches())
+
+
+class Backbone(nn.Module):
+  """The model interface's fields (see above). A family adds its options
+  and declares a field again where its default differs. `input_norm` and
+  `bn_momentum` left None take those of the model's `upstream()`."""
+
+  num_classes: int = 1000
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  bn_momentum: float | None = None
+  head_pooling: str = "avg"
+  lse_r: float = LSE_R
+  dropout_rate: float = 0.0
+  input_norm: str | None = None
+
+  # A family that follows more than one upstream sets this to its table of
+  # them (rows with `input_norm` and `bn_momentum`), keyed by its `variant`
+  # field. A class attribute, not an option.
+  VARIANTS = None
+
+  def upstream(self) -> Any:
+    """This model's row of VARIANTS; None for a family with one upstream."""
+    if self.VARIANTS is None:
+      return None
+    return lookup(self.VARIANTS, self.variant)
+
+  def resolved(self, field: str) -> Any:
+    """`field`'s value, or the upstream's where the field is None."""
+    value, upstream = getattr(self, field), self.upstream()
+    if value is None and upstream is not None:
+      return getattr(upstream, field)
+    return value
+
+  def layer_settings(self, **family) -> dict[str, Any]:
+    """What the model's `Layer`s get (and `family`'s own options)."""
+    return dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                bn_momentum=self.resolved("bn_momentum"), **family)
+
+  def model_input(self, x, min_size: int, family: str):
+    """`x` checked (see `check_input`), in what the weights expect
+    (`input_norm`) and the compute dtype."""
+    check_input(x, min_size, family)
+    return normalize_input(x, self.resolved("input_norm")).astype(self.dtype)
+
+  def outputs(self, x, named: dict, train: bool, return_features: bool,
+              pooling: str | None = None):
+    """The interface's return from the last map `x`: logits, or (logits,
+    {**named maps, **the head's out}). Call inside compact."""
+    logits, out = classifier_head(
+        x, num_classes=self.num_classes, pooling=pooling or self.head_pooling,
+        lse_r=self.lse_r, dropout_rate=self.dropout_rate, dtype=self.dtype,
+        train=train, class_maps=return_features)
+    return (logits, {**named, **out}) if return_features else logits
 
 
 # --------------------------------------------------------------------------

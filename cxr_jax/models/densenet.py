@@ -28,11 +28,12 @@ names onto them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, Dtype, check_input, grid_geometry,
-                                   head_outputs, normalize_input)
+from cxr_jax.models.common import Backbone, Layer, grid_geometry, lookup
 
 # depth -> layers per dense block (torchvision's block_config).
 BLOCK_CONFIGS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32),
@@ -42,7 +43,6 @@ NUM_INIT_FEATURES = 64
 BN_SIZE = 4  # bottleneck width = BN_SIZE * GROWTH_RATE
 # BatchNorm epsilon by variant: the statistics were estimated with these.
 BN_EPSILONS = {"keras": 1.001e-5, "torchvision": 1e-5}
-VARIANTS = tuple(BN_EPSILONS)
 BN_MOMENTUM = 0.99  # Keras' default; PyTorch's momentum=0.1 is Flax's 0.9
 
 # The smallest input that leaves a 1x1 map (torchvision's `min_size`).
@@ -57,22 +57,16 @@ def feature_grid(size: int) -> tuple[int, float, float]:
   return grid_geometry(size, layers)
 
 
-class _Norm(nn.Module):
+class _Norm(Layer):
   """Shared BatchNorm settings of every DenseNet module."""
 
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float = BN_MOMENTUM
   variant: str = "keras"
 
+  def settings(self) -> dict[str, Any]:
+    return dict(super().settings(), variant=self.variant)
+
   def norm(self, name: str, train: bool):
-    return nn.BatchNorm(use_running_average=not train,
-                        momentum=self.bn_momentum,
-                        epsilon=BN_EPSILONS[self.variant], dtype=self.dtype,
-                        axis_name=self.bn_axis_name if train else None,
-                        # Two-pass variance: E[x^2] - E[x]^2 cancels badly,
-                        # and the rounding compounds through 120 layers.
-                        use_fast_variance=False, name=name)
+    return self.batch_norm(train, lookup(BN_EPSILONS, self.variant), name)
 
   def conv(self, features: int, kernel: int, name: str, strides: int = 1,
            padding: int = 0):
@@ -103,10 +97,8 @@ class DenseBlock(_Norm):
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.num_layers):
-      new = DenseLayer(growth_rate=self.growth_rate, dtype=self.dtype,
-                       bn_axis_name=self.bn_axis_name,
-                       bn_momentum=self.bn_momentum, variant=self.variant,
-                       name=f"denselayer{i + 1}")(x, train)
+      new = DenseLayer(growth_rate=self.growth_rate, name=f"denselayer{i + 1}",
+                       **self.settings())(x, train)
       x = jnp.concatenate([x, new], axis=-1)
     return x
 
@@ -130,8 +122,7 @@ class DenseNetFeatures(_Norm):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                  bn_momentum=self.bn_momentum, variant=self.variant)
+    common = self.settings()
     x = self.conv(NUM_INIT_FEATURES, 7, "conv0", strides=2, padding=3)(x)
     x = nn.relu(self.norm("norm0", train)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -143,7 +134,7 @@ class DenseNetFeatures(_Norm):
     return nn.relu(self.norm("norm5", train)(x))
 
 
-class DenseNet(nn.Module):
+class DenseNet(Backbone):
   """DenseNet-BC (121, 169 or 201) with a `num_classes`-way linear head.
 
   Attributes:
@@ -153,39 +144,27 @@ class DenseNet(nn.Module):
     input_norm: what the weights expect of the [-1, 1] input; both Keras
       ('torch' preprocessing mode) and torchvision use ImageNet mean and std.
     bn_momentum: Flax's meaning (weight of the old running value).
+    dropout_rate: 0.0 as upstream: neither torchvision's DenseNet nor
+      Keras' has dropout before its classifier.
 
   `apply(variables, x, train=False, return_features=True)` returns
   `(logits, out)` with the final map (after norm5 and its ReLU) under
   "features" and models.common's 'feature_map', 'class_maps', 'pooled'.
   """
 
-  num_classes: int = 1000
   depth: int = 121
   variant: str = "keras"
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
   bn_momentum: float = BN_MOMENTUM
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
-  # torchvision's DenseNet has no dropout before its classifier; nor Keras'.
-  dropout_rate: float = 0.0
   input_norm: str = "torch"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    if self.depth not in BLOCK_CONFIGS:
-      raise ValueError(f"DenseNet depth must be one of "
-                       f"{sorted(BLOCK_CONFIGS)}, got {self.depth}")
-    if self.variant not in VARIANTS:
-      raise ValueError(f"DenseNet variant must be one of {VARIANTS}, got "
-                       f"{self.variant!r}")
-    check_input(x, MIN_INPUT_SIZE, "DenseNet")
-    x = normalize_input(x, self.input_norm).astype(self.dtype)
-    x = DenseNetFeatures(block_config=BLOCK_CONFIGS[self.depth],
-                         dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                         bn_momentum=self.bn_momentum, variant=self.variant,
-                         name="features")(x, train)
-    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+    blocks = lookup(BLOCK_CONFIGS, self.depth, "DenseNet depth")
+    lookup(BN_EPSILONS, self.variant, "DenseNet variant")  # fail before work
+    x = self.model_input(x, MIN_INPUT_SIZE, "DenseNet")
+    x = DenseNetFeatures(block_config=blocks, name="features",
+                         **self.layer_settings(variant=self.variant))(x, train)
+    return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The CAM grid for `size`-px inputs (see `feature_grid`)."""

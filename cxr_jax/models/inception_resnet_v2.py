@@ -27,9 +27,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, ConvBN, Dtype, check_input,
-                                   grid_geometry, head_outputs,
-                                   normalize_input)
+from cxr_jax.models.common import (Backbone, InceptionBlock, Unit,
+                                   grid_geometry, lookup, max_pool_3x3,
+                                   reduction_a, slim_stem)
 
 # Keras' BatchNormalization defaults, with which the ImageNet statistics were
 # made; Flax's `momentum` means what Keras' does (the old value's weight).
@@ -42,15 +42,10 @@ FEATURE_MAP = "conv_7b"  # the last convolutional map, 1536 channels
 # (block type, repeats, residual scale): Keras' `inception_resnet_block`.
 REPEATS: Sequence[tuple[str, int, float]] = (
     ("block35", 10, 0.17), ("block17", 20, 0.1), ("block8", 10, 0.2))
-# (name, features, kernel, strides, padding) of the stem convolutions; a 3x3/2
-# max pool follows conv2d_2b and conv2d_4a.
-STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
-    ("conv2d_1a", 32, (3, 3), (2, 2), "VALID"),
-    ("conv2d_2a", 32, (3, 3), (1, 1), "VALID"),
-    ("conv2d_2b", 64, (3, 3), (1, 1), "SAME"),
-    ("conv2d_3b", 80, (1, 1), (1, 1), "VALID"),
-    ("conv2d_4a", 192, (3, 3), (1, 1), "VALID"),
-)
+# TF-slim's stem, as Inception V3's; a 3x3/2 max pool follows conv2d_2b and
+# conv2d_4a.
+STEM = slim_stem(
+    ("conv2d_1a", "conv2d_2a", "conv2d_2b", "conv2d_3b", "conv2d_4a"))
 # (kernel, stride, padding) of every layer that moves or shrinks the grid on
 # the way to conv_7b: the VALID stem and the two VALID reductions.
 GRID_LAYERS = ((3, 2, "VALID"), (3, 1, "VALID"), (3, 2, "VALID"),
@@ -63,71 +58,68 @@ def feature_grid(size: int) -> tuple[int, float, float]:
   return grid_geometry(size, GRID_LAYERS)
 
 
-def conv_bn(features, kernel, strides=(1, 1), padding="SAME", **kwargs
-            ) -> ConvBN:
+class _Block(InceptionBlock):
   """Keras' `conv2d_bn`: conv (no bias) -> BatchNorm (eps 1e-3, no scale: the
   ReLU after it makes one redundant) -> ReLU."""
-  return ConvBN(features, kernel, strides, padding, bn_epsilon=BN_EPSILON,
-                bn_scale=False, **kwargs)
 
-
-class _Block(nn.Module):
-  """Shared plumbing: a factory for the block's conv-BN-ReLU units."""
-
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float = BN_MOMENTUM
-
-  def conv(self, features, kernel, name, strides=(1, 1), padding="SAME"):
-    return conv_bn(features, kernel, strides, padding, dtype=self.dtype,
-                   bn_axis_name=self.bn_axis_name,
-                   bn_momentum=self.bn_momentum, name=name)
+  bn_epsilon = BN_EPSILON
+  bn_scale = False
 
 
 class Mixed5b(_Block):
   """Inception-A block after the stem: 192 -> 320 channels."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(96, (1, 1), "branch0")(x, train)
-    b1 = self.conv(48, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(64, (5, 5), "branch1_1")(b1, train)
-    b2 = self.conv(64, (1, 1), "branch2_0")(x, train)
-    b2 = self.conv(96, (3, 3), "branch2_1")(b2, train)
-    b2 = self.conv(96, (3, 3), "branch2_2")(b2, train)
-    bp = nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
-                     count_include_pad=False)
-    bp = self.conv(64, (1, 1), "branch_pool")(bp, train)
-    return jnp.concatenate([b0, b1, b2, bp], axis=-1)
+  def branches(self):
+    return (
+        [Unit(96, (1, 1), "branch0")],
+        [Unit(48, (1, 1), "branch1_0"), Unit(64, (5, 5), "branch1_1")],
+        [Unit(64, (1, 1), "branch2_0"), Unit(96, (3, 3), "branch2_1"),
+         Unit(96, (3, 3), "branch2_2")],
+        [self.avg_pool_3x3, Unit(64, (1, 1), "branch_pool")],
+    )
 
 
 class Mixed6a(_Block):
   """Reduction-A: 35 -> 17, 320 -> 1088 channels."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(384, (3, 3), "branch0", (2, 2), "VALID")(x, train)
-    b1 = self.conv(256, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(256, (3, 3), "branch1_1")(b1, train)
-    b1 = self.conv(384, (3, 3), "branch1_2", (2, 2), "VALID")(b1, train)
-    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
-    return jnp.concatenate([b0, b1, bp], axis=-1)
+  def branches(self):
+    return reduction_a(k=256, l=256, m=384, n=384)
 
 
 class Mixed7a(_Block):
   """Reduction-B: 17 -> 8, 1088 -> 2080 channels."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(256, (1, 1), "branch0_0")(x, train)
-    b0 = self.conv(384, (3, 3), "branch0_1", (2, 2), "VALID")(b0, train)
-    b1 = self.conv(256, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(288, (3, 3), "branch1_1", (2, 2), "VALID")(b1, train)
-    b2 = self.conv(256, (1, 1), "branch2_0")(x, train)
-    b2 = self.conv(288, (3, 3), "branch2_1")(b2, train)
-    b2 = self.conv(320, (3, 3), "branch2_2", (2, 2), "VALID")(b2, train)
-    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
-    return jnp.concatenate([b0, b1, b2, bp], axis=-1)
+  def branches(self):
+    return (
+        [Unit(256, (1, 1), "branch0_0"),
+         Unit(384, (3, 3), "branch0_1", (2, 2), "VALID")],
+        [Unit(256, (1, 1), "branch1_0"),
+         Unit(288, (3, 3), "branch1_1", (2, 2), "VALID")],
+        [Unit(256, (1, 1), "branch2_0"), Unit(288, (3, 3), "branch2_1"),
+         Unit(320, (3, 3), "branch2_2", (2, 2), "VALID")],
+        [max_pool_3x3],
+    )
+
+
+# The branches of Keras' `inception_resnet_block` by block type.
+RESIDUAL_BRANCHES = {
+    "block35": (
+        [Unit(32, (1, 1), "branch0")],
+        [Unit(32, (1, 1), "branch1_0"), Unit(32, (3, 3), "branch1_1")],
+        [Unit(32, (1, 1), "branch2_0"), Unit(48, (3, 3), "branch2_1"),
+         Unit(64, (3, 3), "branch2_2")],
+    ),
+    "block17": (
+        [Unit(192, (1, 1), "branch0")],
+        [Unit(128, (1, 1), "branch1_0"), Unit(160, (1, 7), "branch1_1"),
+         Unit(192, (7, 1), "branch1_2")],
+    ),
+    "block8": (
+        [Unit(192, (1, 1), "branch0")],
+        [Unit(192, (1, 1), "branch1_0"), Unit(224, (1, 3), "branch1_1"),
+         Unit(256, (3, 1), "branch1_2")],
+    ),
+}
 
 
 class ResidualBlock(_Block):
@@ -138,40 +130,19 @@ class ResidualBlock(_Block):
   scale: float = 0.17
   activation: bool = True
 
-  def branches(self, x, train):
-    if self.block_type == "block35":
-      b0 = self.conv(32, (1, 1), "branch0")(x, train)
-      b1 = self.conv(32, (1, 1), "branch1_0")(x, train)
-      b1 = self.conv(32, (3, 3), "branch1_1")(b1, train)
-      b2 = self.conv(32, (1, 1), "branch2_0")(x, train)
-      b2 = self.conv(48, (3, 3), "branch2_1")(b2, train)
-      b2 = self.conv(64, (3, 3), "branch2_2")(b2, train)
-      return [b0, b1, b2]
-    if self.block_type == "block17":
-      b0 = self.conv(192, (1, 1), "branch0")(x, train)
-      b1 = self.conv(128, (1, 1), "branch1_0")(x, train)
-      b1 = self.conv(160, (1, 7), "branch1_1")(b1, train)
-      b1 = self.conv(192, (7, 1), "branch1_2")(b1, train)
-      return [b0, b1]
-    if self.block_type == "block8":
-      b0 = self.conv(192, (1, 1), "branch0")(x, train)
-      b1 = self.conv(192, (1, 1), "branch1_0")(x, train)
-      b1 = self.conv(224, (1, 3), "branch1_1")(b1, train)
-      b1 = self.conv(256, (3, 1), "branch1_2")(b1, train)
-      return [b0, b1]
-    raise ValueError(f"block_type must be block35, block17 or block8, got "
-                     f"{self.block_type!r}")
+  def branches(self):
+    return lookup(RESIDUAL_BRANCHES, self.block_type, "block_type")
 
   @nn.compact
   def __call__(self, x, train: bool):
-    mixed = jnp.concatenate(self.branches(x, train), axis=-1)
+    mixed = self.side_by_side(x, train, self.branches())
     up = nn.Conv(x.shape[-1], (1, 1), use_bias=True, dtype=self.dtype,
                  name="conv")(mixed)
     x = x + up * jnp.asarray(self.scale, up.dtype)
     return nn.relu(x) if self.activation else x
 
 
-class InceptionResNetV2(nn.Module):
+class InceptionResNetV2(Backbone):
   """Inception-ResNet-V2 with a `num_classes`-way linear head (logits).
 
   Attributes follow the zoo interface (models.common): `dtype` is the
@@ -186,39 +157,31 @@ class InceptionResNetV2(nn.Module):
   'feature_map' and 'pooled'.
   """
 
-  num_classes: int = 1000
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
   bn_momentum: float = BN_MOMENTUM
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
   input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    check_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                  bn_momentum=self.bn_momentum)
-    x = normalize_input(x, self.input_norm).astype(self.dtype)
+    x = self.model_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
+    settings = self.layer_settings()
     for name, features, kernel, strides, padding in STEM:
-      x = conv_bn(features, kernel, strides, padding, name=name,
-                  **common)(x, train)
+      x = _Block.conv_bn(features, kernel, strides, padding, name=name,
+                         **settings)(x, train)
       if name in ("conv2d_2b", "conv2d_4a"):
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
-    x = Mixed5b(name="mixed_5b", **common)(x, train)
-    reductions = {"block35": Mixed6a(name="mixed_6a", **common),
-                  "block17": Mixed7a(name="mixed_7a", **common)}
+        x = max_pool_3x3(x)
+    x = Mixed5b(name="mixed_5b", **settings)(x, train)
+    reductions = {"block35": Mixed6a(name="mixed_6a", **settings),
+                  "block17": Mixed7a(name="mixed_7a", **settings)}
     for block_type, repeats, scale in REPEATS:
       for i in range(1, repeats + 1):
         last = block_type == "block8" and i == repeats
         x = ResidualBlock(block_type=block_type, scale=1.0 if last else scale,
                           activation=not last, name=f"{block_type}_{i}",
-                          **common)(x, train)
+                          **settings)(x, train)
       if block_type in reductions:
         x = reductions[block_type](x, train)
-    x = conv_bn(1536, (1, 1), name="conv_7b", **common)(x, train)
-    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+    x = _Block.conv_bn(1536, (1, 1), name="conv_7b", **settings)(x, train)
+    return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The conv_7b grid for `size`-px inputs (see `feature_grid`)."""

@@ -19,14 +19,15 @@ are the names researchers already know; `cxr_jax.weights` maps Keras' anonymous
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, ConvBN, Dtype, check_input,
-                                   grid_geometry, head_outputs,
-                                   normalize_input)
+from cxr_jax.models.common import (Backbone, ConvBN, InceptionBlock, Unit,
+                                   grid_geometry, max_pool_3x3, slim_stem)
 
 # Keras' BatchNormalization defaults: the ImageNet statistics were produced with
 # these, and Flax's `momentum` has the same meaning as Keras' (the weight of the
@@ -83,33 +84,24 @@ def _kernel_init(name: str):
   raise ValueError(f"conv_init must be one of {CONV_INITS}, got {name!r}")
 
 
-def BasicConv(features: int, kernel_size: tuple[int, int],
-              strides: tuple[int, int] = (1, 1), padding: str = "SAME", *,
-              conv_init: str = "lecun_normal", **kwargs) -> ConvBN:
-  """Conv (no bias) -> BatchNorm (epsilon 1e-3, no scale) -> ReLU."""
-  return ConvBN(features, kernel_size, strides, padding,
-                bn_epsilon=BN_EPSILON, bn_scale=False,
-                kernel_init=_kernel_init(conv_init), **kwargs)
+class _Block(InceptionBlock):
+  """Keras' `conv2d_bn`: conv (no bias) -> BatchNorm (epsilon 1e-3, no
+  scale) -> ReLU, thinned by `depth_multiplier`."""
 
-
-class _Block(nn.Module):
-  """Shared plumbing of the Inception blocks: a conv factory and the pool."""
-
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
+  bn_epsilon = BN_EPSILON
+  bn_scale = False
   pool_include_padding: bool = False
-  bn_momentum: float = BN_MOMENTUM
   depth_multiplier: float = 1.0
   conv_init: str = "lecun_normal"
 
-  def conv(self, features, kernel_size, name, strides=(1, 1), padding="SAME"):
-    features = scaled_depth(features, self.depth_multiplier)
-    return BasicConv(features, kernel_size, strides, padding, dtype=self.dtype,
-                     bn_axis_name=self.bn_axis_name,
-                     bn_momentum=self.bn_momentum, conv_init=self.conv_init,
-                     name=name)
+  def conv(self, unit: Unit, **options) -> ConvBN:
+    thinned = dataclasses.replace(
+        unit, features=scaled_depth(unit.features, self.depth_multiplier))
+    return super().conv(thinned, kernel_init=_kernel_init(self.conv_init),
+                        **options)
 
   def avg_pool_3x3(self, x):
+    """Counts the padding when `pool_include_padding` (torchvision's)."""
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
                        count_include_pad=self.pool_include_padding)
 
@@ -119,30 +111,26 @@ class InceptionA(_Block):
 
   pool_features: int = 32
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b1 = self.conv(64, (1, 1), "branch1x1")(x, train)
-    b5 = self.conv(48, (1, 1), "branch5x5_1")(x, train)
-    b5 = self.conv(64, (5, 5), "branch5x5_2")(b5, train)
-    b3 = self.conv(64, (1, 1), "branch3x3dbl_1")(x, train)
-    b3 = self.conv(96, (3, 3), "branch3x3dbl_2")(b3, train)
-    b3 = self.conv(96, (3, 3), "branch3x3dbl_3")(b3, train)
-    bp = self.conv(self.pool_features, (1, 1), "branch_pool")(
-        self.avg_pool_3x3(x), train)
-    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+  def branches(self):
+    return (
+        [Unit(64, (1, 1), "branch1x1")],
+        [Unit(48, (1, 1), "branch5x5_1"), Unit(64, (5, 5), "branch5x5_2")],
+        [Unit(64, (1, 1), "branch3x3dbl_1"), Unit(96, (3, 3), "branch3x3dbl_2"),
+         Unit(96, (3, 3), "branch3x3dbl_3")],
+        [self.avg_pool_3x3, Unit(self.pool_features, (1, 1), "branch_pool")],
+    )
 
 
 class InceptionB(_Block):
   """35 -> 17 reduction (Keras mixed3, torchvision Mixed_6a)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b3 = self.conv(384, (3, 3), "branch3x3", (2, 2), "VALID")(x, train)
-    bd = self.conv(64, (1, 1), "branch3x3dbl_1")(x, train)
-    bd = self.conv(96, (3, 3), "branch3x3dbl_2")(bd, train)
-    bd = self.conv(96, (3, 3), "branch3x3dbl_3", (2, 2), "VALID")(bd, train)
-    bp = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
-    return jnp.concatenate([b3, bd, bp], axis=-1)
+  def branches(self):
+    return (
+        [Unit(384, (3, 3), "branch3x3", (2, 2), "VALID")],
+        [Unit(64, (1, 1), "branch3x3dbl_1"), Unit(96, (3, 3), "branch3x3dbl_2"),
+         Unit(96, (3, 3), "branch3x3dbl_3", (2, 2), "VALID")],
+        [max_pool_3x3],
+    )
 
 
 class InceptionC(_Block):
@@ -150,20 +138,17 @@ class InceptionC(_Block):
 
   channels_7x7: int = 128
 
-  @nn.compact
-  def __call__(self, x, train: bool):
+  def branches(self):
     c7 = self.channels_7x7
-    b1 = self.conv(192, (1, 1), "branch1x1")(x, train)
-    b7 = self.conv(c7, (1, 1), "branch7x7_1")(x, train)
-    b7 = self.conv(c7, (1, 7), "branch7x7_2")(b7, train)
-    b7 = self.conv(192, (7, 1), "branch7x7_3")(b7, train)
-    bd = self.conv(c7, (1, 1), "branch7x7dbl_1")(x, train)
-    bd = self.conv(c7, (7, 1), "branch7x7dbl_2")(bd, train)
-    bd = self.conv(c7, (1, 7), "branch7x7dbl_3")(bd, train)
-    bd = self.conv(c7, (7, 1), "branch7x7dbl_4")(bd, train)
-    bd = self.conv(192, (1, 7), "branch7x7dbl_5")(bd, train)
-    bp = self.conv(192, (1, 1), "branch_pool")(self.avg_pool_3x3(x), train)
-    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+    return (
+        [Unit(192, (1, 1), "branch1x1")],
+        [Unit(c7, (1, 1), "branch7x7_1"), Unit(c7, (1, 7), "branch7x7_2"),
+         Unit(192, (7, 1), "branch7x7_3")],
+        [Unit(c7, (1, 1), "branch7x7dbl_1"), Unit(c7, (7, 1), "branch7x7dbl_2"),
+         Unit(c7, (1, 7), "branch7x7dbl_3"), Unit(c7, (7, 1), "branch7x7dbl_4"),
+         Unit(192, (1, 7), "branch7x7dbl_5")],
+        [self.avg_pool_3x3, Unit(192, (1, 1), "branch_pool")],
+    )
 
 
 class InceptionD(_Block):
@@ -172,38 +157,33 @@ class InceptionD(_Block):
 
   stride: int = 2
 
-  @nn.compact
-  def __call__(self, x, train: bool):
+  def branches(self):
     s = (self.stride, self.stride)
-    b3 = self.conv(192, (1, 1), "branch3x3_1")(x, train)
-    b3 = self.conv(320, (3, 3), "branch3x3_2", s, "VALID")(b3, train)
-    b7 = self.conv(192, (1, 1), "branch7x7x3_1")(x, train)
-    b7 = self.conv(192, (1, 7), "branch7x7x3_2")(b7, train)
-    b7 = self.conv(192, (7, 1), "branch7x7x3_3")(b7, train)
-    b7 = self.conv(192, (3, 3), "branch7x7x3_4", s, "VALID")(b7, train)
-    bp = nn.max_pool(x, (3, 3), strides=s, padding="VALID")
-    return jnp.concatenate([b3, b7, bp], axis=-1)
+    return (
+        [Unit(192, (1, 1), "branch3x3_1"),
+         Unit(320, (3, 3), "branch3x3_2", s, "VALID")],
+        [Unit(192, (1, 1), "branch7x7x3_1"), Unit(192, (1, 7), "branch7x7x3_2"),
+         Unit(192, (7, 1), "branch7x7x3_3"),
+         Unit(192, (3, 3), "branch7x7x3_4", s, "VALID")],
+        [functools.partial(max_pool_3x3, stride=self.stride)],
+    )
 
 
 class InceptionE(_Block):
   """8x8 block with expanded filter banks (mixed9-10, Mixed_7b-c)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b1 = self.conv(320, (1, 1), "branch1x1")(x, train)
-    b3 = self.conv(384, (1, 1), "branch3x3_1")(x, train)
-    b3 = jnp.concatenate([
-        self.conv(384, (1, 3), "branch3x3_2a")(b3, train),
-        self.conv(384, (3, 1), "branch3x3_2b")(b3, train),
-    ], axis=-1)
-    bd = self.conv(448, (1, 1), "branch3x3dbl_1")(x, train)
-    bd = self.conv(384, (3, 3), "branch3x3dbl_2")(bd, train)
-    bd = jnp.concatenate([
-        self.conv(384, (1, 3), "branch3x3dbl_3a")(bd, train),
-        self.conv(384, (3, 1), "branch3x3dbl_3b")(bd, train),
-    ], axis=-1)
-    bp = self.conv(192, (1, 1), "branch_pool")(self.avg_pool_3x3(x), train)
-    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+  def branches(self):
+    return (
+        [Unit(320, (1, 1), "branch1x1")],
+        [Unit(384, (1, 1), "branch3x3_1"),
+         ([Unit(384, (1, 3), "branch3x3_2a")],
+          [Unit(384, (3, 1), "branch3x3_2b")])],
+        [Unit(448, (1, 1), "branch3x3dbl_1"),
+         Unit(384, (3, 3), "branch3x3dbl_2"),
+         ([Unit(384, (1, 3), "branch3x3dbl_3a")],
+          [Unit(384, (3, 1), "branch3x3dbl_3b")])],
+        [self.avg_pool_3x3, Unit(192, (1, 1), "branch_pool")],
+    )
 
 
 class InceptionAux(_Block):
@@ -221,8 +201,8 @@ class InceptionAux(_Block):
           f"the auxiliary logits branch needs a Mixed_6e map of at least 17x17 "
           f"(inputs of about 299 px); got {x.shape[1]}x{x.shape[2]}")
     x = nn.avg_pool(x, (5, 5), strides=(3, 3), padding="VALID")
-    x = self.conv(128, (1, 1), "conv0")(x, train)
-    x = self.conv(768, (5, 5), "conv1", padding="VALID")(x, train)
+    x = self.run(x, train, [Unit(128, (1, 1), "conv0"),
+                            Unit(768, (5, 5), "conv1", padding="VALID")])
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
@@ -242,13 +222,9 @@ BLOCKS: Sequence[tuple[str, type[_Block], dict[str, Any]]] = (
     ("Mixed_7b", InceptionE, {}),
     ("Mixed_7c", InceptionE, {}),
 )
-STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
-    ("Conv2d_1a_3x3", 32, (3, 3), (2, 2), "VALID"),
-    ("Conv2d_2a_3x3", 32, (3, 3), (1, 1), "VALID"),
-    ("Conv2d_2b_3x3", 64, (3, 3), (1, 1), "SAME"),
-    ("Conv2d_3b_1x1", 80, (1, 1), (1, 1), "VALID"),
-    ("Conv2d_4a_3x3", 192, (3, 3), (1, 1), "VALID"),
-)
+# The stem; a 3x3/2 max pool follows Conv2d_2b and Conv2d_4a.
+STEM = slim_stem(("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3",
+                  "Conv2d_3b_1x1", "Conv2d_4a_3x3"))
 MIN_INPUT_SIZE = 75
 # (kernel, stride) of every layer on the way to Mixed_7c that moves or shrinks
 # the grid: the VALID stem convolutions and pools and the two VALID
@@ -279,7 +255,7 @@ def feature_grid(size: int, output_stride: int = 32
 FEATURE_MAP = "Mixed_7c"  # the last convolutional map, 2048 channels, for CAM
 
 
-class InceptionV3(nn.Module):
+class InceptionV3(Backbone):
   """InceptionV3 with a `num_classes`-way linear head (logits).
 
   Attributes:
@@ -303,12 +279,8 @@ class InceptionV3(nn.Module):
   "Mixed_7c" (and "transition", "aux_logits" when the model has them).
   """
 
-  num_classes: int = 1000
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
   aux_logits: bool = False
   pool_include_padding: bool = False
-  bn_axis_name: str | None = None
   # Wang et al. 2017's transition layer (Table 2's CEL(tran.) row): a 1x1 conv
   # to this many channels, BN, ReLU, then log-sum-exp pooling with `lse_r`.
   transition_channels: int = 0
@@ -317,9 +289,6 @@ class InceptionV3(nn.Module):
   bn_momentum: float = BN_MOMENTUM
   # TF-slim's depth_multiplier: thins every convolution (see scaled_depth).
   depth_multiplier: float = 1.0
-  # 'avg' (Keras, the paper) or 'lse' (see models.common.classifier_head).
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
   # 32 is InceptionV3. 16 drops Mixed_7a's stride (as DeepLab does for
   # dense prediction): Mixed_7b/c and the CAM run on a 15x15 grid at 299 px,
   # and their 3x3 mixing spreads a finding over half as many pixels.
@@ -333,20 +302,20 @@ class InceptionV3(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    check_input(x, MIN_INPUT_SIZE, "InceptionV3")
+    x = self.model_input(x, MIN_INPUT_SIZE, "InceptionV3")
     if self.transition_channels and self.head_pooling != "avg":
       raise ValueError("the transition layer pools its own map (LSE); "
                        "head_pooling must stay 'avg' with it")
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                  bn_momentum=self.bn_momentum, conv_init=self.conv_init)
-    blocks = dict(common, depth_multiplier=self.depth_multiplier,
-                  pool_include_padding=self.pool_include_padding)
-    x = normalize_input(x, self.input_norm).astype(self.dtype)
+    # The stem and transition units are the blocks' (see _Block.conv).
+    units = self.layer_settings(kernel_init=_kernel_init(self.conv_init))
+    blocks = self.layer_settings(
+        conv_init=self.conv_init, depth_multiplier=self.depth_multiplier,
+        pool_include_padding=self.pool_include_padding)
     for i, (name, features, kernel, strides, padding) in enumerate(STEM):
-      x = BasicConv(scaled_depth(features, self.depth_multiplier), kernel,
-                    strides, padding, name=name, **common)(x, train)
+      x = _Block.conv_bn(scaled_depth(features, self.depth_multiplier), kernel,
+                         strides, padding, name=name, **units)(x, train)
       if i in (2, 4):  # after Conv2d_2b and Conv2d_4a
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = max_pool_3x3(x)
     features = {}
     for name, block, attrs in BLOCKS:
       if name == "Mixed_7a":
@@ -358,11 +327,11 @@ class InceptionV3(nn.Module):
     features[FEATURE_MAP] = x
     pooling = self.head_pooling
     if self.transition_channels:
-      x = BasicConv(self.transition_channels, (1, 1), name="transition",
-                    **common)(x, train)
+      x = _Block.conv_bn(self.transition_channels, (1, 1), name="transition",
+                         **units)(x, train)
       features["transition"] = x
       pooling = "lse_features"
-    return head_outputs(self, x, features, train, return_features, pooling)
+    return self.outputs(x, features, train, return_features, pooling)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The CAM grid for `size`-px inputs (see `feature_grid`)."""

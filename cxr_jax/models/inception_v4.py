@@ -20,14 +20,13 @@ a block timm's (`branch1_0` for `branch1.0`; a pool branch's conv, timm's
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, ConvBN, Dtype, check_input,
-                                   grid_geometry, head_outputs,
-                                   normalize_input)
+from cxr_jax.models.common import (Backbone, InceptionBlock, Unit,
+                                   grid_geometry, max_pool_3x3, reduction_a,
+                                   slim_stem)
 
 BN_EPSILON = 1e-3
 # PyTorch's momentum=0.1 (the new value's weight) is Flax's 0.9.
@@ -37,151 +36,110 @@ MIN_INPUT_SIZE = 75
 FEATURE_MAP = "features"  # timm's forward_features: 1536 channels
 
 
-def conv_bn(features, kernel, strides=(1, 1), padding="SAME", **kwargs
-            ) -> ConvBN:
+class _Block(InceptionBlock):
   """timm's ConvNormAct, pretrainedmodels' BasicConv2d: conv (no bias) ->
   BatchNorm (eps 1e-3, with PyTorch's gamma) -> ReLU."""
-  return ConvBN(features, kernel, strides, padding, bn_epsilon=BN_EPSILON,
-                bn_scale=True, **kwargs)
 
-
-class _Block(nn.Module):
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
+  bn_epsilon = BN_EPSILON
+  bn_scale = True
   bn_momentum: float = BN_MOMENTUM
-
-  def conv(self, features, kernel, name, strides=(1, 1), padding="SAME"):
-    return conv_bn(features, kernel, strides, padding, dtype=self.dtype,
-                   bn_axis_name=self.bn_axis_name,
-                   bn_momentum=self.bn_momentum, name=name)
-
-  def pool_branch(self, x, features, train):
-    x = nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
-                    count_include_pad=False)
-    return self.conv(features, (1, 1), "branch_pool")(x, train)
-
-
-def _max_pool(x):
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
 class Mixed3a(_Block):
   """64 -> 160 channels, stride 2: max pool beside a 3x3/2 conv."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    conv = self.conv(96, (3, 3), "conv", (2, 2), "VALID")(x, train)
-    return jnp.concatenate([_max_pool(x), conv], axis=-1)
+  def branches(self):
+    return ([max_pool_3x3], [Unit(96, (3, 3), "conv", (2, 2), "VALID")])
 
 
 class Mixed4a(_Block):
   """160 -> 192 channels; both branches end in a VALID 3x3 (-2 px)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(64, (1, 1), "branch0_0")(x, train)
-    b0 = self.conv(96, (3, 3), "branch0_1", padding="VALID")(b0, train)
-    b1 = self.conv(64, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(64, (1, 7), "branch1_1")(b1, train)
-    b1 = self.conv(64, (7, 1), "branch1_2")(b1, train)
-    b1 = self.conv(96, (3, 3), "branch1_3", padding="VALID")(b1, train)
-    return jnp.concatenate([b0, b1], axis=-1)
+  def branches(self):
+    return (
+        [Unit(64, (1, 1), "branch0_0"),
+         Unit(96, (3, 3), "branch0_1", padding="VALID")],
+        [Unit(64, (1, 1), "branch1_0"), Unit(64, (1, 7), "branch1_1"),
+         Unit(64, (7, 1), "branch1_2"),
+         Unit(96, (3, 3), "branch1_3", padding="VALID")],
+    )
 
 
 class Mixed5a(_Block):
   """192 -> 384 channels, stride 2: a 3x3/2 conv beside a max pool."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    conv = self.conv(192, (3, 3), "conv", (2, 2), "VALID")(x, train)
-    return jnp.concatenate([conv, _max_pool(x)], axis=-1)
+  def branches(self):
+    return ([Unit(192, (3, 3), "conv", (2, 2), "VALID")], [max_pool_3x3])
 
 
 class InceptionA(_Block):
   """35x35 block, 384 channels (Mixed_5b-e)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(96, (1, 1), "branch0")(x, train)
-    b1 = self.conv(64, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(96, (3, 3), "branch1_1")(b1, train)
-    b2 = self.conv(64, (1, 1), "branch2_0")(x, train)
-    b2 = self.conv(96, (3, 3), "branch2_1")(b2, train)
-    b2 = self.conv(96, (3, 3), "branch2_2")(b2, train)
-    b3 = self.pool_branch(x, 96, train)
-    return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+  def branches(self):
+    return (
+        [Unit(96, (1, 1), "branch0")],
+        [Unit(64, (1, 1), "branch1_0"), Unit(96, (3, 3), "branch1_1")],
+        [Unit(64, (1, 1), "branch2_0"), Unit(96, (3, 3), "branch2_1"),
+         Unit(96, (3, 3), "branch2_2")],
+        [self.avg_pool_3x3, Unit(96, (1, 1), "branch_pool")],
+    )
 
 
 class ReductionA(_Block):
   """35 -> 17, 384 -> 1024 channels (Mixed_6a)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(384, (3, 3), "branch0", (2, 2), "VALID")(x, train)
-    b1 = self.conv(192, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(224, (3, 3), "branch1_1")(b1, train)
-    b1 = self.conv(256, (3, 3), "branch1_2", (2, 2), "VALID")(b1, train)
-    return jnp.concatenate([b0, b1, _max_pool(x)], axis=-1)
+  def branches(self):
+    return reduction_a(k=192, l=224, m=256, n=384)
 
 
 class InceptionB(_Block):
   """17x17 block, 1024 channels (Mixed_6b-h)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(384, (1, 1), "branch0")(x, train)
-    b1 = self.conv(192, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(224, (1, 7), "branch1_1")(b1, train)
-    b1 = self.conv(256, (7, 1), "branch1_2")(b1, train)
-    b2 = self.conv(192, (1, 1), "branch2_0")(x, train)
-    b2 = self.conv(192, (7, 1), "branch2_1")(b2, train)
-    b2 = self.conv(224, (1, 7), "branch2_2")(b2, train)
-    b2 = self.conv(224, (7, 1), "branch2_3")(b2, train)
-    b2 = self.conv(256, (1, 7), "branch2_4")(b2, train)
-    b3 = self.pool_branch(x, 128, train)
-    return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+  def branches(self):
+    return (
+        [Unit(384, (1, 1), "branch0")],
+        [Unit(192, (1, 1), "branch1_0"), Unit(224, (1, 7), "branch1_1"),
+         Unit(256, (7, 1), "branch1_2")],
+        [Unit(192, (1, 1), "branch2_0"), Unit(192, (7, 1), "branch2_1"),
+         Unit(224, (1, 7), "branch2_2"), Unit(224, (7, 1), "branch2_3"),
+         Unit(256, (1, 7), "branch2_4")],
+        [self.avg_pool_3x3, Unit(128, (1, 1), "branch_pool")],
+    )
 
 
 class ReductionB(_Block):
   """17 -> 8, 1024 -> 1536 channels (Mixed_7a)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(192, (1, 1), "branch0_0")(x, train)
-    b0 = self.conv(192, (3, 3), "branch0_1", (2, 2), "VALID")(b0, train)
-    b1 = self.conv(256, (1, 1), "branch1_0")(x, train)
-    b1 = self.conv(256, (1, 7), "branch1_1")(b1, train)
-    b1 = self.conv(320, (7, 1), "branch1_2")(b1, train)
-    b1 = self.conv(320, (3, 3), "branch1_3", (2, 2), "VALID")(b1, train)
-    return jnp.concatenate([b0, b1, _max_pool(x)], axis=-1)
+  def branches(self):
+    return (
+        [Unit(192, (1, 1), "branch0_0"),
+         Unit(192, (3, 3), "branch0_1", (2, 2), "VALID")],
+        [Unit(256, (1, 1), "branch1_0"), Unit(256, (1, 7), "branch1_1"),
+         Unit(320, (7, 1), "branch1_2"),
+         Unit(320, (3, 3), "branch1_3", (2, 2), "VALID")],
+        [max_pool_3x3],
+    )
 
 
 class InceptionC(_Block):
   """8x8 block, 1536 channels (Mixed_7b-d)."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    b0 = self.conv(256, (1, 1), "branch0")(x, train)
-    b1 = self.conv(384, (1, 1), "branch1_0")(x, train)
-    b1 = jnp.concatenate([self.conv(256, (1, 3), "branch1_1a")(b1, train),
-                          self.conv(256, (3, 1), "branch1_1b")(b1, train)],
-                         axis=-1)
-    b2 = self.conv(384, (1, 1), "branch2_0")(x, train)
-    b2 = self.conv(448, (3, 1), "branch2_1")(b2, train)
-    b2 = self.conv(512, (1, 3), "branch2_2")(b2, train)
-    b2 = jnp.concatenate([self.conv(256, (1, 3), "branch2_3a")(b2, train),
-                          self.conv(256, (3, 1), "branch2_3b")(b2, train)],
-                         axis=-1)
-    b3 = self.pool_branch(x, 256, train)
-    return jnp.concatenate([b0, b1, b2, b3], axis=-1)
+  def branches(self):
+    return (
+        [Unit(256, (1, 1), "branch0")],
+        [Unit(384, (1, 1), "branch1_0"),
+         ([Unit(256, (1, 3), "branch1_1a")],
+          [Unit(256, (3, 1), "branch1_1b")])],
+        [Unit(384, (1, 1), "branch2_0"), Unit(448, (3, 1), "branch2_1"),
+         Unit(512, (1, 3), "branch2_2"),
+         ([Unit(256, (1, 3), "branch2_3a")],
+          [Unit(256, (3, 1), "branch2_3b")])],
+        [self.avg_pool_3x3, Unit(256, (1, 1), "branch_pool")],
+    )
 
 
-# (name, features, kernel, strides, padding): timm's features.0-2.
-STEM: Sequence[tuple[str, int, tuple[int, int], tuple[int, int], str]] = (
-    ("Conv2d_1a_3x3", 32, (3, 3), (2, 2), "VALID"),
-    ("Conv2d_2a_3x3", 32, (3, 3), (1, 1), "VALID"),
-    ("Conv2d_2b_3x3", 64, (3, 3), (1, 1), "SAME"),
-)
+# timm's features.0-2: the first three convolutions of Inception V3's stem.
+STEM = slim_stem(("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"))
 # The blocks in order: timm's features.3 ... features.21.
 BLOCKS: Sequence[tuple[str, type[_Block]]] = (
     ("Mixed_3a", Mixed3a), ("Mixed_4a", Mixed4a), ("Mixed_5a", Mixed5a),
@@ -204,7 +162,7 @@ def feature_grid(size: int) -> tuple[int, float, float]:
   return grid_geometry(size, GRID_LAYERS)
 
 
-class InceptionV4(nn.Module):
+class InceptionV4(Backbone):
   """Inception V4 with a `num_classes`-way linear head (logits).
 
   Attributes follow the zoo interface (models.common). timm's and
@@ -218,28 +176,19 @@ class InceptionV4(nn.Module):
   'pooled'.
   """
 
-  num_classes: int = 1000
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
   bn_momentum: float = BN_MOMENTUM
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
   input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    check_input(x, MIN_INPUT_SIZE, "InceptionV4")
-    common: dict[str, Any] = dict(
-        dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-        bn_momentum=self.bn_momentum)
-    x = normalize_input(x, self.input_norm).astype(self.dtype)
+    x = self.model_input(x, MIN_INPUT_SIZE, "InceptionV4")
+    settings = self.layer_settings()
     for name, features, kernel, strides, padding in STEM:
-      x = conv_bn(features, kernel, strides, padding, name=name,
-                  **common)(x, train)
+      x = _Block.conv_bn(features, kernel, strides, padding, name=name,
+                         **settings)(x, train)
     for name, block in BLOCKS:
-      x = block(name=name, **common)(x, train)
-    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+      x = block(name=name, **settings)(x, train)
+    return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The final grid for `size`-px inputs (see `feature_grid`)."""

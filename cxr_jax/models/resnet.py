@@ -31,8 +31,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, Dtype, check_input, grid_geometry,
-                                   head_outputs, normalize_input)
+from cxr_jax.models.common import (Backbone, Layer, batch_norm, grid_geometry,
+                                   lookup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +78,7 @@ FEATURE_MAP = "layer4"  # the last convolutional map, 2048 channels, for CAM
 
 
 def resolve_variant(name: str) -> Variant:
-  if name not in VARIANTS:
-    raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got "
-                     f"{name!r}")
-  return VARIANTS[name]
+  return lookup(VARIANTS, name)
 
 
 def _conv(v: Variant, dtype, features, kernel, stride, pad, name):
@@ -91,20 +88,10 @@ def _conv(v: Variant, dtype, features, kernel, stride, pad, name):
                  dtype=dtype, kernel_init=v.kernel_init, name=name)
 
 
-def _bn(v: Variant, dtype, momentum, axis_name, train, name):
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
-                      epsilon=v.bn_epsilon, dtype=dtype,
-                      axis_name=axis_name if train else None,
-                      # Two-pass variance: E[x^2] - E[x]^2 cancels badly.
-                      use_fast_variance=False, name=name)
-
-
-class _Block(nn.Module):
+class _Block(Layer):
   """Settings every block shares (bn_momentum already resolved)."""
 
   variant: str = "torchvision"
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
   bn_momentum: float = 0.9
 
   def conv(self, features, kernel, stride, pad, name):
@@ -112,12 +99,11 @@ class _Block(nn.Module):
                  stride, pad, name)
 
   def bn(self, train, name):
-    return _bn(resolve_variant(self.variant), self.dtype, self.bn_momentum,
-               self.bn_axis_name, train, name)
+    return self.batch_norm(train, resolve_variant(self.variant).bn_epsilon,
+                           name)
 
   def settings(self) -> dict[str, Any]:
-    return dict(variant=self.variant, dtype=self.dtype,
-                bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum)
+    return dict(super().settings(), variant=self.variant)
 
 
 class Downsample(_Block):
@@ -189,7 +175,7 @@ def feature_grid(size: int, variant: str = "torchvision"
   return grid_geometry(size, [(7, 2, 3), (3, 2, 1), stage, stage, stage])
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
   """ResNet-50/101/152 with a `num_classes`-way linear head (logits).
 
   Attributes:
@@ -209,43 +195,30 @@ class ResNet(nn.Module):
   "layer4" beside `models.common.classifier_head`'s maps.
   """
 
-  num_classes: int = 1000
   depth: int = 50
   variant: str = "torchvision"
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  bn_momentum: float | None = None
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
-  dropout_rate: float = 0.0
-  input_norm: str | None = None
+  VARIANTS = VARIANTS
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    v = resolve_variant(self.variant)
-    if self.depth not in STAGE_BLOCKS:
-      raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got "
-                       f"{self.depth!r}")
-    check_input(x, MIN_INPUT_SIZE, "ResNet")
-    norm = v.input_norm if self.input_norm is None else self.input_norm
-    momentum = v.bn_momentum if self.bn_momentum is None else self.bn_momentum
-    settings = dict(variant=self.variant, dtype=self.dtype,
-                    bn_axis_name=self.bn_axis_name, bn_momentum=momentum)
-
-    x = normalize_input(x, norm).astype(self.dtype)
+    v = self.upstream()
+    stages = lookup(STAGE_BLOCKS, self.depth, "depth")
+    x = self.model_input(x, MIN_INPUT_SIZE, "ResNet")
+    settings = self.layer_settings(variant=self.variant)
     x = _conv(v, self.dtype, 64, 7, 2, 3, "conv1")(x)
-    x = nn.relu(_bn(v, self.dtype, momentum, self.bn_axis_name, train,
-                    "bn1")(x))
+    x = nn.relu(batch_norm(train, epsilon=v.bn_epsilon,
+                           momentum=settings["bn_momentum"],
+                           axis_name=self.bn_axis_name, dtype=self.dtype,
+                           name="bn1")(x))
     if v.zero_pad_pool:  # Keras: ZeroPadding2D(1), then a 'valid' pool
       x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
     else:  # torchvision: MaxPool2d(3, 2, padding=1) pads with -inf
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for i, (planes, blocks) in enumerate(zip(STAGE_PLANES,
-                                             STAGE_BLOCKS[self.depth])):
+    for i, (planes, blocks) in enumerate(zip(STAGE_PLANES, stages)):
       x = ResLayer(planes=planes, blocks=blocks, stride=1 if i == 0 else 2,
                    name=f"layer{i + 1}", **settings)(x, train)
-    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+    return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The CAM grid for `size`-px inputs (see `feature_grid`)."""

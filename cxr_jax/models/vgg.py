@@ -23,10 +23,8 @@ common interface and change nothing.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from cxr_jax.models.common import (LSE_R, Dtype, check_input, grid_geometry,
-                                   head_outputs, normalize_input)
+from cxr_jax.models.common import Backbone, grid_geometry, lookup
 
 # depth -> convolutions per block; block b has WIDTHS[b] channels.
 BLOCK_CONFIGS = {16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
@@ -48,7 +46,7 @@ def feature_grid(size: int) -> tuple[int, float, float]:
   return grid_geometry(size, [(2, 2, "VALID")] * 5)
 
 
-class VGG(nn.Module):
+class VGG(Backbone):
   """VGG16/19's convolutions with a `num_classes`-way linear head on the
   pooled block5_pool map.
 
@@ -63,30 +61,21 @@ class VGG(nn.Module):
   models.common's 'feature_map', 'class_maps', 'pooled'.
   """
 
-  num_classes: int = 1000
   depth: int = 16
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
   bn_momentum: float = 0.99
-  head_pooling: str = "avg"
-  lse_r: float = LSE_R
-  dropout_rate: float = 0.0
   input_norm: str = "caffe"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    if self.depth not in BLOCK_CONFIGS:
-      raise ValueError(f"VGG depth must be one of {sorted(BLOCK_CONFIGS)}, "
-                       f"got {self.depth}")
-    check_input(x, MIN_INPUT_SIZE, "VGG")
-    x = normalize_input(x, self.input_norm).astype(self.dtype)
-    for b, n in enumerate(BLOCK_CONFIGS[self.depth]):
+    blocks = lookup(BLOCK_CONFIGS, self.depth, "VGG depth")
+    x = self.model_input(x, MIN_INPUT_SIZE, "VGG")
+    for b, n in enumerate(blocks):
       for i in range(n):
         x = nn.Conv(WIDTHS[b], (3, 3), padding=((1, 1), (1, 1)),
                     dtype=self.dtype, name=f"block{b + 1}_conv{i + 1}")(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-    return head_outputs(self, x, {FEATURE_MAP: x}, train, return_features)
+    return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
     """The CAM grid for `size`-px inputs (see `feature_grid`)."""
