@@ -8,6 +8,18 @@ import json
 import logging
 import os
 import sys
+import urllib.error
+
+
+def _network_cause(error: BaseException) -> BaseException | None:
+  """The network error behind `error`, if any: keras.applications re-raises
+  a failed download's URLError as a plain Exception, chained to it."""
+  while error is not None:
+    if isinstance(error, (urllib.error.URLError, ConnectionError,
+                          TimeoutError)):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _convert_weights(args) -> int:
@@ -15,8 +27,18 @@ def _convert_weights(args) -> int:
   options = ({"transform_input": args.torchvision_transform_input}
              if args.model == "inception_v3" and args.source == "torchvision"
              else {})
-  meta = weights.convert(args.model, args.source, args.input, args.output,
-                         **options)
+  try:
+    meta = weights.convert(args.model, args.source, args.input, args.output,
+                           **options)
+  except Exception as e:
+    # Only --source keras-imagenet downloads; any other error is the
+    # converter's own, already worded for the user or a bug.
+    if args.source != "keras-imagenet" or args.input or not _network_cause(e):
+      raise
+    raise weights.ConversionError(
+        f"--source keras-imagenet: downloading InceptionV3's ImageNet "
+        f"weights failed ({e}); without internet, fetch the .h5 elsewhere "
+        f"and give --source keras --input FILE") from e
   print(f"wrote {args.output}: {json.dumps(meta)}")
   return 0
 
@@ -34,6 +56,14 @@ def _parity_check(args) -> int:
   return 0 if ok else 1
 
 
+def _report(lines, written: str, folder: str) -> int:
+  """An analysis command's ending: its table, then what it wrote where."""
+  for line in lines:
+    print(line)
+  print(f"wrote {written} to {folder}")
+  return 0
+
+
 def _synth(args) -> int:
   from cxr_jax.data import synthetic
   summary = synthetic.synthesize(args.out, args.num_images, args.image_size,
@@ -47,7 +77,8 @@ def _prepare(args) -> int:
   summary = tfds_builder.prepare(args.data_dir, args.out, args.image_size,
                                  allow_missing=args.allow_missing,
                                  workers=args.workers,
-                                 png_compression=args.png_compression)
+                                 png_compression=args.png_compression,
+                                 max_pixels=args.max_pixels)
   print(f"prepared {summary['images']} images at {summary['image_size']}px "
         f"in {summary['dir']}")
   if summary["missing_skipped"]:
@@ -64,13 +95,13 @@ def _splits(args) -> int:
   from cxr_jax.data import splits
   summary = splits.run(args.data_dir, args.scheme, args.seed, args.out,
                        view=args.view)
-  for name in splits.SPLITS:
-    s = summary[name]
-    print(f"{name:5s} {s['images']:7d} images {s['patients']:6d} patients")
-  print(f"patients in more than one split: "
-        f"{summary['patients_in_more_than_one_split']}")
-  print(f"wrote train.txt, val.txt, test.txt and summary.json to {args.out}")
-  return 0
+  lines = [f"{name:5s} {summary[name]['images']:7d} images "
+           f"{summary[name]['patients']:6d} patients"
+           for name in splits.SPLITS]
+  lines.append(f"patients in more than one split: "
+               f"{summary['patients_in_more_than_one_split']}")
+  return _report(lines, "train.txt, val.txt, test.txt and summary.json",
+                 args.out)
 
 
 def _train(args, overrides) -> int:
@@ -102,42 +133,41 @@ def _evaluate(args) -> int:
   result = evaluation.evaluate(args.workdir, args.which, args.split,
                                data_dir=args.data_dir,
                                num_resamples=args.bootstrap)
-  print(f"{args.split} split, {result['num_images']} images, checkpoint "
-        f"step {result['step']} ({args.which}):")
-  print(result["table"])
-  print(f"wrote auc.csv, predictions.csv, roc.png, metrics.json to "
-        f"{result['out_dir']}")
-  return 0
+  return _report([f"{args.split} split, {result['num_images']} images, "
+                  f"checkpoint step {result['step']} ({args.which}):",
+                  result["table"]],
+                 "auc.csv, predictions.csv, roc.png, metrics.json",
+                 result["out_dir"])
 
 
 def _localize(args) -> int:
   from cxr_jax import localization
   s = localization.localize(args.workdir, args.data_dir, args.which,
                             args.threshold, upsampling=args.upsampling)
-  print(f"{s['boxes']} boxes, CAM threshold {s['threshold']}:")
-  print(f"{'class':20s} {'boxes':>5s} " + " ".join(
-      f"{m}@{t:<4}" for m in ("IoU", "IoBB") for t in localization.THRESHOLDS))
+  lines = [f"{s['boxes']} boxes, CAM threshold {s['threshold']}:",
+           f"{'class':20s} {'boxes':>5s} " + " ".join(
+               f"{m}@{t:<4}" for m in ("IoU", "IoBB")
+               for t in localization.THRESHOLDS)]
   for cls, r in s["per_class"].items():
-    print(f"{cls:20s} {r['boxes']:5d} " + " ".join(
+    lines.append(f"{cls:20s} {r['boxes']:5d} " + " ".join(
         f"{r[f'{m}@{t}']:8.2f}" for m in ("iou", "iobb")
         for t in localization.THRESHOLDS))
-  print(f"wrote localization.csv and overlays to {s['out_dir']}")
-  return 0
+  return _report(lines, "localization.csv and overlays", s["out_dir"])
 
 
 def _compare(args) -> int:
   from cxr_jax import compare
   result = compare.compare(args.runs, args.names, args.split, args.out)
-  print(result["markdown"])
-  print(f"wrote compare.md, auc.csv, summary.csv, delong.csv and bar.png to "
-        f"{result['out_dir']}")
-  return 0
+  return _report([result["markdown"]],
+                 "compare.md, auc.csv, summary.csv, delong.csv and bar.png",
+                 result["out_dir"])
 
 
 def _predict(args) -> int:
   from cxr_jax import predict
   result = predict.predict_files(args.workdir, args.images, args.which,
-                                 cam_dir=args.cam, top=args.top)
+                                 cam_dir=args.cam, top=args.top,
+                                 max_pixels=args.max_pixels)
   if args.json:
     print(json.dumps(result, indent=2))
   else:
@@ -173,6 +203,39 @@ def _bool(text: str) -> bool:
   raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _in_range(kind: type, low, high=None):
+  """An argparse type: a number of `kind` in low..high (no upper bound if
+  None), refused where the flag is parsed, before any work starts."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected {'a whole number' if kind is int else 'a number'}, "
+          f"got {text!r}") from None
+    if not (low <= value and (high is None or value <= high)):  # NaN fails
+      span = f"at least {low}" if high is None else f"in {low}..{high}"
+      raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+    return value
+  return parse
+
+
+def _folder(text: str) -> str:
+  """An argparse type for a folder the command writes into: refused where a
+  file stands at that path, before any work starts."""
+  if os.path.exists(text) and not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+  return text
+
+
+def _max_pixels_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+      "--max_pixels", type=_in_range(int, 1), default=None,
+      help="refuse a film declaring more pixels than this, before decoding "
+           "it (a small file can declare gigabytes); default "
+           "$CXR_JAX_MAX_IMAGE_PIXELS, else 8192 x 8192")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="cxr-jax", description="DeepCXray in JAX/Flax.")
@@ -204,21 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
            "with random weights, convert it and compare logits and feature "
            "maps")
   p.add_argument("--model", default="inception_v3")
-  p.add_argument("--sizes", type=int, nargs="+", default=[299, 224])
-  p.add_argument("--batch", type=int, default=2)
-  p.add_argument("--tolerance", type=float, default=1e-4)
+  p.add_argument("--sizes", type=_in_range(int, 1), nargs="+",
+                 default=[299, 224])
+  p.add_argument("--batch", type=_in_range(int, 1), default=2)
+  p.add_argument("--tolerance", type=_in_range(float, 0.0), default=1e-4)
   p.set_defaults(run=_parity_check)
 
   p = sub.add_parser("train", help="train a config; resumes from --workdir",
                      description="Extra --config.KEY=VALUE flags override the "
                                  "config file's fields.")
   p.add_argument("--config", required=True, help="configs/<experiment>.py")
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", required=True, type=_folder)
   p.add_argument("--coordinator_address", default=None,
                  help="multi-host: host:port of process 0 (or "
                       "CXR_JAX_COORDINATOR)")
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--num_processes", type=_in_range(int, 1), default=None)
+  p.add_argument("--process_id", type=_in_range(int, 0), default=None)
   p.add_argument("--distributed_auto", action="store_true",
                  help="jax.distributed.initialize() with no arguments "
                       "(SLURM, Cloud TPU)")
@@ -231,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default="test", choices=("train", "val", "test"))
   p.add_argument("--data_dir", default=None,
                  help="the prepared dataset (default: the run's)")
-  p.add_argument("--bootstrap", type=int, default=1000,
+  p.add_argument("--bootstrap", type=_in_range(int, 1), default=1000,
                  help="bootstrap resamples for the 95%% CIs")
   p.set_defaults(run=_evaluate)
 
@@ -240,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--data_dir", default=None)
   p.add_argument("--which", choices=("best", "latest"), default="best")
-  p.add_argument("--threshold", type=int, default=200)
+  p.add_argument("--threshold", type=_in_range(int, 1, 255), default=200,
+                 help="CAM heat (1..255) at or above which a pixel joins "
+                      "the predicted box")
   p.add_argument("--upsampling", default="receptive_field",
                  choices=("receptive_field", "resize"),
                  help="place CAM cells at their receptive-field centres, or "
@@ -255,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="one name per run; runs with the same name are trials "
                       "of one experiment (mean +- SD)")
   p.add_argument("--split", default="test")
-  p.add_argument("--out", default="compare", help="output folder")
+  p.add_argument("--out", default="compare", type=_folder,
+                 help="output folder")
   p.set_defaults(run=_compare)
 
   p = sub.add_parser("predict", help="14 probabilities for PNG, JPEG or "
@@ -263,43 +330,47 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("images", nargs="+")
   p.add_argument("--which", choices=("best", "latest"), default="best")
-  p.add_argument("--cam", default=None, metavar="OUTDIR",
+  p.add_argument("--cam", default=None, metavar="OUTDIR", type=_folder,
                  help="write CAM overlays of the top classes here")
-  p.add_argument("--top", type=int, default=3,
+  p.add_argument("--top", type=_in_range(int, 1), default=3,
                  help="classes per image for --cam (and the JSON 'top')")
   p.add_argument("--json", action="store_true", help="JSON instead of a table")
+  _max_pixels_flag(p)
   p.set_defaults(run=_predict)
 
   p = sub.add_parser("demo", help="synthesize, prepare, train, evaluate, "
                      "localize and report, end to end on synthetic data")
-  p.add_argument("--workdir", default="demo_run")
-  p.add_argument("--num_images", type=int, default=1200)
-  p.add_argument("--image_size", type=int, default=299)
-  p.add_argument("--num_train_steps", type=int, default=300)
+  p.add_argument("--workdir", default="demo_run", type=_folder)
+  p.add_argument("--num_images", type=_in_range(int, 1), default=1200)
+  p.add_argument("--image_size", type=_in_range(int, 1), default=299)
+  p.add_argument("--num_train_steps", type=_in_range(int, 1), default=300)
   p.set_defaults(run=_demo)
 
   p = sub.add_parser("synth", help="write a synthetic ChestX-ray14 in the "
                      "official layout, with planted findings and boxes")
-  p.add_argument("--out", required=True)
-  p.add_argument("--num_images", type=int, default=2000)
-  p.add_argument("--image_size", type=int, default=256)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--rgba_fraction", type=float, default=0.01)
+  p.add_argument("--out", required=True, type=_folder)
+  p.add_argument("--num_images", type=_in_range(int, 1), default=2000)
+  p.add_argument("--image_size", type=_in_range(int, 1), default=256)
+  p.add_argument("--seed", type=_in_range(int, 0), default=0)
+  p.add_argument("--rgba_fraction", type=_in_range(float, 0.0, 1.0),
+                 default=0.01)
   p.set_defaults(run=_synth)
 
   p = sub.add_parser("prepare", help="decode, gray, resize and write an NIH "
                      "folder as a TFDS ArrayRecord dataset")
   p.add_argument("--data_dir", required=True,
                  help="the NIH folder: CSVs, lists and images/")
-  p.add_argument("--out", required=True, help="the prepared dataset's folder")
-  p.add_argument("--image_size", type=int, default=299)
+  p.add_argument("--out", required=True, type=_folder,
+                 help="the prepared dataset's folder")
+  p.add_argument("--image_size", type=_in_range(int, 1), default=299)
   p.add_argument("--allow_missing", action="store_true",
                  help="build from the listed images present; count the rest")
-  p.add_argument("--workers", type=int, default=None,
+  p.add_argument("--workers", type=_in_range(int, 1), default=None,
                  help="decoding processes (default: all cores)")
   p.add_argument("--png_compression", type=int, default=0, choices=range(10),
                  help="zlib level of the stored PNGs: 0 (default) is twice "
                       "the disk of 1 and half its decoding time")
+  _max_pixels_flag(p)
   p.set_defaults(run=_prepare)
 
   p = sub.add_parser("splits", help="write train/val/test name lists")
@@ -307,21 +378,35 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the NIH folder or a prepared dataset")
   p.add_argument("--scheme", required=True,
                  choices=("paper", "patient", "official"))
-  p.add_argument("--seed", type=int, default=0,
+  p.add_argument("--seed", type=_in_range(int, 0), default=0,
                  help="the trial (Table 3's six trials are seeds 0-5)")
-  p.add_argument("--out", required=True)
+  p.add_argument("--out", required=True, type=_folder)
   p.add_argument("--view", choices=("PA", "AP"), default=None,
                  help="keep only one view position (default: both)")
   p.set_defaults(run=_splits)
   return parser
 
 
+def _one_line(error: Exception) -> str:
+  """The message of a user error, as the one line the CLI prints."""
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])  # str(KeyError) would quote it again
+  if isinstance(error, OSError) and error.filename and error.strerror:
+    return f"{error.filename}: {error.strerror}"
+  return str(error)
+
+
 def main(argv=None) -> int:
-  args, extra = build_parser().parse_known_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
   overrides = [a for a in extra if a.startswith("--config.")]
   unknown = [a for a in extra if not a.startswith("--config.")]
+  valueless = [a for a in overrides if "=" not in a]
+  if valueless and getattr(args, "takes_overrides", False):
+    # `--config.KEY VALUE` would otherwise be reported as an unknown VALUE.
+    parser.error(f"{valueless[0]}: a config override is --config.KEY=VALUE")
   if unknown or (overrides and not getattr(args, "takes_overrides", False)):
-    build_parser().error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
   logging.basicConfig(
       level=logging.INFO if args.verbose else logging.WARNING,
       format="%(levelname)s %(name)s: %(message)s")
@@ -329,14 +414,14 @@ def main(argv=None) -> int:
     if getattr(args, "takes_overrides", False):
       return args.run(args, overrides)
     return args.run(args)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, KeyError, OSError) as e:
     # The project's errors (ConversionError, MetadataError, PrepareError,
-    # ModelConfigError, ...) are ValueErrors whose message names the file,
-    # flag or config key: one line, unless -v asks for the traceback.
+    # ModelConfigError, ConfigError, ...) are ValueErrors whose message names
+    # the file, flag or config key, and an OSError names the path the file
+    # system refused: one line, unless -v asks for the traceback.
     if args.verbose:
       raise
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"cxr-jax {args.command}: error: {message}", file=sys.stderr)
+    print(f"cxr-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
 
 

@@ -49,18 +49,11 @@ class Run:
       raise FileNotFoundError(
           f"{path}: no metrics.json in it or in {folder}; run "
           f"`cxr-jax evaluate --workdir {path} --split {split}` first")
-    with open(metrics_path) as f:
-      m = json.load(f)
-    for key in ("mean_auc", "auc"):
-      if key not in m:
-        raise ValueError(f"{metrics_path}: field {key!r} is missing")
-    missing = [d for d in L.DISEASES if d not in m["auc"]]
-    if missing:
-      raise ValueError(f"{metrics_path}: 'auc' lacks {missing}")
+    m = _read_metrics(metrics_path)
     self.path, self.name, self.folder = path, name, folder
-    self.auc = np.array([np.nan if m["auc"][d] is None else m["auc"][d]
-                         for d in L.DISEASES], np.float64)
-    self.mean_auc = np.nan if m["mean_auc"] is None else float(m["mean_auc"])
+    self.auc = np.array([_auc(m["auc"][d], metrics_path) for d in L.DISEASES],
+                        np.float64)
+    self.mean_auc = _auc(m["mean_auc"], metrics_path)
     self.paper = m.get("paper") if isinstance(m.get("paper"), dict) else None
     self.names, self.probs, self.labels = _read_predictions(
         os.path.join(folder, "predictions.csv"))
@@ -70,16 +63,53 @@ class Run:
     return np.append(self.auc, self.mean_auc)
 
 
+def _read_metrics(path: str) -> dict[str, Any]:
+  """metrics.json as `evaluate` writes it, or a ValueError naming the file
+  and what is wrong with it."""
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path}: not the JSON `cxr-jax evaluate` writes: "
+                     f"{e}") from None
+  if not isinstance(m, dict):
+    raise ValueError(f"{path}: expected a JSON object, got "
+                     f"{type(m).__name__}")
+  for key in ("mean_auc", "auc"):
+    if key not in m:
+      raise ValueError(f"{path}: field {key!r} is missing")
+  if not isinstance(m["auc"], dict):
+    raise ValueError(f"{path}: 'auc' is not a mapping of class to AUC")
+  missing = [d for d in L.DISEASES if d not in m["auc"]]
+  if missing:
+    raise ValueError(f"{path}: 'auc' lacks {missing}")
+  return m
+
+
+def _auc(value, path: str) -> float:
+  """An AUC from metrics.json: a number, or null where it is undefined."""
+  if value is None:
+    return np.nan
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{path}: an AUC is {value!r}, not a number")
+  return float(value)
+
+
 def _read_predictions(path: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing; `cxr-jax evaluate` writes it")
   with open(path, newline="") as f:
     reader = csv.reader(f)
-    header = next(reader)
+    header = next(reader, None)
     if header != PREDICTION_COLUMNS:
       raise ValueError(f"{path}: unexpected header; expected the columns "
                        f"`cxr-jax evaluate` writes")
     rows = list(reader)
+  short = [i + 2 for i, r in enumerate(rows)
+           if len(r) != len(PREDICTION_COLUMNS)]
+  if short:
+    raise ValueError(f"{path}: line {short[0]} does not have the "
+                     f"{len(PREDICTION_COLUMNS)} columns of the header")
   names = [r[0] for r in rows]
   try:
     table = np.array([[float(v) for v in r[1:]] for r in rows], np.float64)

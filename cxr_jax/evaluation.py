@@ -121,6 +121,9 @@ def evaluate(workdir: str, which: str = "best", split: str = "test",
              data_dir: str | None = None, num_resamples: int = 1000,
              out_dir: str | None = None) -> dict[str, Any]:
   """The `evaluate` command; returns metrics.json's content."""
+  if num_resamples < 1:  # checked before the split is predicted
+    raise ValueError(f"the bootstrap needs at least one resample "
+                     f"(--bootstrap), got {num_resamples}")
   pred = predict_split(workdir, which, split, data_dir)
   paper = pred["config"].get("paper")
   return write_results(out_dir or os.path.join(workdir, "eval", split),

@@ -34,8 +34,10 @@ def _is_dicom(path: str, head: bytes) -> bool:
           (len(head) >= 132 and head[128:132] == b"DICM"))
 
 
-def dicom_to_gray8(path: str) -> Image.Image:
-  """A DICOM film to 8-bit gray, displayed as a radiologist would see it."""
+def dicom_to_gray8(path: str, max_pixels: int | None = None) -> Image.Image:
+  """A DICOM film to 8-bit gray, displayed as a radiologist would see it.
+  A film declaring more than `tfds_builder.max_image_pixels(max_pixels)`
+  pixels is refused before its pixel data is decoded."""
   try:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -47,6 +49,11 @@ def dicom_to_gray8(path: str) -> Image.Image:
     raise ImageReadError(f"{path}: not a readable DICOM file: {e}") from None
   if "PixelData" not in ds:
     raise ImageReadError(f"{path}: the DICOM file holds no pixel data")
+  try:
+    tfds_builder.check_pixels(path, int(ds.get("Columns", 0)),
+                              int(ds.get("Rows", 0)), max_pixels)
+  except tfds_builder.PrepareError as e:
+    raise ImageReadError(str(e)) from None
   if int(ds.get("NumberOfFrames", 1) or 1) > 1:
     raise ImageReadError(f"{path}: a multi-frame DICOM "
                          f"({ds.NumberOfFrames} frames); expected one film")
@@ -71,18 +78,20 @@ def dicom_to_gray8(path: str) -> Image.Image:
   return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
 
 
-def read_film(path: str, size: int) -> np.ndarray:
-  """Any supported file -> uint8 [size, size, 1], as `prepare` stores it."""
+def read_film(path: str, size: int, max_pixels: int | None = None
+              ) -> np.ndarray:
+  """Any supported file -> uint8 [size, size, 1], as `prepare` stores it;
+  `max_pixels` as in `tfds_builder.load_gray`."""
   try:
     with open(path, "rb") as f:
       head = f.read(132)
   except OSError as e:
     raise ImageReadError(f"{path}: {e.strerror or e}") from None
   if _is_dicom(path, head):
-    gray = tfds_builder.resize_gray(dicom_to_gray8(path), size)
+    gray = tfds_builder.resize_gray(dicom_to_gray8(path, max_pixels), size)
   else:
     try:
-      gray, _ = tfds_builder.load_gray(path, size)
+      gray, _ = tfds_builder.load_gray(path, size, max_pixels)
     except tfds_builder.PrepareError as e:
       raise ImageReadError(str(e)) from None
   return np.asarray(gray, np.uint8)[..., None]
@@ -90,15 +99,19 @@ def read_film(path: str, size: int) -> np.ndarray:
 
 def predict_files(workdir: str, paths: Sequence[str], which: str = "best",
                   cam_dir: str | None = None, top: int = 3,
-                  threshold: int = 200) -> dict[str, Any]:
+                  threshold: int = 200, max_pixels: int | None = None
+                  ) -> dict[str, Any]:
   """{'results': [{image, probabilities, top[, cams]}], 'errors': [{image,
-  error}], 'step'}; results keep the order of `paths`."""
+  error}], 'step'}; results keep the order of `paths`. A film declaring more
+  pixels than `max_pixels` (see `tfds_builder.max_image_pixels`) is an error
+  of that film."""
   cam.check_threshold(threshold)
+  tfds_builder.max_image_pixels(max_pixels)  # a bad limit fails once, here
   predictor = inference.Predictor(workdir, which)
   films, readable, errors = [], [], []
   for path in paths:
     try:
-      films.append(read_film(path, predictor.size))
+      films.append(read_film(path, predictor.size, max_pixels))
       readable.append(path)
     except ImageReadError as e:
       errors.append({"image": path, "error": str(e)})

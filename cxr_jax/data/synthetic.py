@@ -198,6 +198,9 @@ def synthesize(out: str, num_images: int = 2000, image_size: int = 256,
                test_fraction: float = 0.2, min_prevalence: float = 0.015,
                workers: int | None = None) -> dict:
   """Writes the synthetic dataset to `out`; returns a summary."""
+  if num_images < 1:
+    raise ValueError(f"a synthetic dataset needs at least one image "
+                     f"(--num_images), got {num_images}")
   rng = np.random.default_rng(seed)
   images_dir = os.path.join(out, "images")
   os.makedirs(images_dir, exist_ok=True)

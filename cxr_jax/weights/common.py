@@ -64,21 +64,35 @@ def save_converted(path: str, variables: Mapping[str, Any],
   os.replace(tmp, path)
 
 
+def _not_converted(path: str, error: Exception) -> ConversionError:
+  return ConversionError(
+      f"{path} is not a converted weights file (.npz written by "
+      f"`cxr-jax convert-weights`): {error}")
+
+
 def open_npz(path: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"converted weights file not found: {path}")
   try:
     return np.load(path, allow_pickle=False)
   except Exception as e:  # zipfile/ValueError: wrong or truncated file
-    raise ConversionError(
-        f"{path} is not a converted weights file (.npz written by "
-        f"`cxr-jax convert-weights`): {e}") from None
+    raise _not_converted(path, e) from None
+
+
+def read_npz_arrays(path: str) -> dict[str, np.ndarray]:
+  """Every member of a converted file, '__meta__' included. Members are read
+  here, not on open: a pickled (object) array fails only when read, and is
+  refused (allow_pickle=False: loading it could run code)."""
+  with open_npz(path) as f:
+    try:
+      return {k: f[k] for k in f.files}
+    except Exception as e:  # object arrays, truncated members
+      raise _not_converted(path, e) from None
 
 
 def load_pretrained(path: str) -> Tree:
   """Loads a converted file: `{'params': ..., 'batch_stats': ...}` (numpy)."""
-  with open_npz(path) as f:
-    flat = {k: f[k] for k in f.files if k != "__meta__"}
+  flat = {k: v for k, v in read_npz_arrays(path).items() if k != "__meta__"}
   tree = unflatten(flat)
   if "params" not in tree:
     raise ConversionError(f"{path} holds no 'params' entries")
@@ -91,7 +105,10 @@ def read_metadata(path: str) -> dict[str, Any]:
   with open_npz(path) as f:
     if "__meta__" not in f.files:
       return {}
-    return json.loads(f["__meta__"].tobytes().decode())
+    try:
+      return json.loads(f["__meta__"].tobytes().decode())
+    except Exception as e:  # a pickled or garbled '__meta__'
+      raise _not_converted(path, e) from None
 
 
 def architecture(path: str) -> tuple[str, dict[str, Any]]:
