@@ -1,5 +1,11 @@
 """What a run writes besides checkpoints: metrics.jsonl, TensorBoard events
-and run_header.json, by process 0 only."""
+and run_header.json, by process 0 only.
+
+A resumed run recomputes every step after the checkpoint it resumed from,
+so it first drops the records of those steps (a killed run may have logged
+past its last checkpoint, and a SIGKILL can leave half a line): each step
+is in metrics.jsonl once. TensorBoard is told the same through purge_step.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +20,49 @@ import jax
 log = logging.getLogger(__name__)
 
 
+def _keep_steps_up_to(path: str, step: int) -> None:
+  """Rewrites `path` (atomically) without the records after `step` and
+  without lines that do not parse."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and (
+        record["step"] <= step):
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) == len(lines):
+    return
+  log.info("metrics.jsonl: dropping %d records after step %d, which this "
+           "run recomputes", len(lines) - len(kept), step)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class MetricLog:
   """TensorBoard events and metrics.jsonl, written by process 0 only."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """`resume_step`: the step the run continues from; later records go."""
     self.workdir = workdir
     self.active = jax.process_index() == 0
     self.tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _keep_steps_up_to(path, resume_step)
+      self.jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                purge_step=resume_step + 1)
       except ImportError:
         log.warning("tensorboardX not installed: no TensorBoard events")
 

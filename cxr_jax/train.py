@@ -16,9 +16,11 @@ Validation runs the one analysis forward path, `cxr_jax.inference`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable
@@ -35,7 +37,8 @@ from cxr_jax import labels as L
 from cxr_jax import parallel, weights
 from cxr_jax.data import pipeline, splits
 from cxr_jax.metric_log import MetricLog
-from cxr_jax.preemption import NonFiniteLoss, Preempted, Preemption
+from cxr_jax.preemption import (FolderLock, NonFiniteLoss, Preempted,
+                                Preemption)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ def train_step(state: TrainState, batch, *, model, loss_fn: Callable,
                dropout_seed: int = 0):
   """One update. Returns (state, metrics); metrics are global sums/values.
 
-  A non-finite loss or gradient leaves params, optimizer and BatchNorm state
+  A non-finite loss, gradient or updated parameter (a finite gradient times
+  a non-finite learning rate) leaves params, optimizer and BatchNorm state
   unchanged and increments `nonfinite_steps` (the training loop stops there
   instead when config.nonfinite == 'stop').
   """
@@ -98,8 +102,9 @@ def train_step(state: TrainState, batch, *, model, loss_fn: Callable,
       # Unsynchronised BatchNorm: each device saw only its share, so its
       # running statistics differ; keep their mean (flax's imagenet example).
       batch_stats = jax.lax.pmean(batch_stats, axis_name)
-  finite = jnp.isfinite(loss) & _tree_all_finite(grads)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  finite = (jnp.isfinite(loss) & _tree_all_finite(grads) &
+            _tree_all_finite(updated.params))
   keep = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = updated.replace(
@@ -180,13 +185,36 @@ def _best_so_far(mgr) -> dict[str, Any]:
   return {"auc": float(recorded[checkpoint.METRIC]), "step": step}
 
 
+def _validation_metric(val: dict[str, Any]) -> dict[str, float] | None:
+  """The checkpoint's metric for choosing the best; None (never the best)
+  unless the validation mean AUC and loss are both finite."""
+  if math.isfinite(val["mean"]) and math.isfinite(val["loss"]):
+    return {checkpoint.METRIC: val["mean"]}
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, Any]:
   """Trains, evaluates on the validation split, checkpoints and resumes.
 
   Returns a summary: final step, best validation mean AUC and step,
-  non-finite steps, images/s.
+  non-finite steps, images/s. Process 0 holds the workdir's lock for the
+  whole run: a second run on the same workdir is refused, naming this one.
   """
+  if not config.data_dir:
+    raise ValueError("no dataset: set --config.data_dir=DIR, a folder "
+                     "written by `cxr-jax prepare --out DIR`")
+  if not os.path.isdir(config.data_dir):
+    raise FileNotFoundError(f"--config.data_dir={config.data_dir}: no such "
+                            f"folder")
+  lock = (FolderLock(workdir, "train") if jax.process_index() == 0 else
+          contextlib.nullcontext())
+  with lock:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                        ) -> dict[str, Any]:
   if config.init_weights:  # the run records what its model needs
     weights.adopt_architecture(config)
   dataset = pipeline.PreparedDataset(config.data_dir, config.image_size)
@@ -203,16 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       dataset, names["train"], config.batch_size, config.seed,
       pipeline.Augment(config.augment_flip, config.augment_min_crop),
       threads=config.loader_threads))
-  start = mgr.latest_step() or 0
+  start, restored, data_state = checkpoint.resume(
+      mgr, state, config, move_unreadable=jax.process_index() == 0)
   if start:
-    restored, data_state = checkpoint.restore_state(mgr, start, state)
     state = trainer.backend.put_state(restored)
     data_iter.set_state(data_state)
   val_names = names["val"][:config.max_eval_images or None]
   is_main = jax.process_index() == 0
   if is_main:
     log.info("config:\n%s", config)
-  metric_log = MetricLog(workdir)
+  metric_log = MetricLog(workdir, resume_step=start)
   metric_log.header({
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} "
                  f"({jax.local_device_count()} local)",
@@ -248,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         window.append(m)
         if config.nonfinite == "stop" and not bool(m["finite"]):
           raise NonFiniteLoss(
-              f"non-finite loss at step {step}: the batch had "
+              f"non-finite loss, gradient or update at step {step} (learning "
+              f"rate {float(lr_at(step - 1)):g}): the batch had "
               f"{int(m['positives'])} positive disease labels in "
               f"{int(m['images'])} images (config.nonfinite='stop')")
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
@@ -274,10 +303,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
               "val_defined_classes": val["defined"],
               **{f"val_auc/{d}": float(a)
                  for d, a in zip(L.DISEASES, val["aucs"])}})
-          if math.isfinite(val["mean"]) and val["mean"] > best["auc"]:
+          metric = _validation_metric(val)
+          if metric and val["mean"] > best["auc"]:
             best = {"auc": val["mean"], "step": step}
-          save(metrics={checkpoint.METRIC: val["mean"]
-                        if math.isfinite(val["mean"]) else -1.0})
+          save(metrics=metric)
         elif (step % config.checkpoint_every_steps == 0 or
               step == config.num_train_steps):
           save()

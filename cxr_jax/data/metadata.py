@@ -16,16 +16,23 @@ Quirks of the real files, all handled here:
   `Image Index,Finding Label,Bbox [x,y,w,h],,,` and boxes in 1024-px
   coordinates.
 
-Files may be plain or gzipped (detected from their first bytes).
+Files may be plain or gzipped (detected from their first bytes). Whatever
+is wrong with one (bad bytes, a truncated gzip, a malformed row, an image
+listed twice) is a MetadataError naming the file, and the line where there
+is one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
+import hashlib
 import io
+import math
 import os
+import zlib
 from typing import Iterable
 
 import numpy as np
@@ -52,6 +59,19 @@ def open_text(path: str) -> io.TextIOBase:
     gz = f.read(2) == b"\x1f\x8b"
   return (gzip.open(path, "rt", newline="") if gz else
           open(path, "r", newline=""))
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+  """`open_text(path)`, with the errors of its bytes (encoding, gzip, csv
+  syntax) raised as a MetadataError naming the file."""
+  f = open_text(path)
+  try:
+    with f:
+      yield f
+  except (UnicodeDecodeError, csv.Error, EOFError, zlib.error, OSError) as e:
+    raise MetadataError(f"{path} is not a readable text file: "
+                        f"{type(e).__name__}: {e}") from None
 
 
 def find_file(directory: str, names: Iterable[str]) -> str:
@@ -88,6 +108,8 @@ def _age_years(text: str, where: str) -> float:
     return float(text) * scale
   except ValueError:
     raise MetadataError(f"{where}: Patient Age {text!r} is not a number")
+  except OverflowError:
+    raise MetadataError(f"{where}: Patient Age {text!r} is out of range")
 
 
 @dataclasses.dataclass
@@ -128,7 +150,9 @@ def read_data_entry(path: str) -> Entries:
   """Reads Data_Entry_2017.csv (2017 or v2020 revision, plain or gzipped)."""
   names, labels, normal, pid, follow, age, sex, view, size = ([] for _ in
                                                               range(9))
-  with open_text(path) as f:
+  first_line: dict[str, str] = {}
+  repeated: list[str] = []
+  with _reading(path) as f:
     reader = csv.reader(f)
     try:
       header = next(reader)
@@ -153,8 +177,14 @@ def read_data_entry(path: str) -> Entries:
             vector[L.index(finding)] = 1
           except KeyError as e:
             raise MetadataError(f"{where}: {e.args[0]}") from None
+      name = row[0].strip()
+      if not name:
+        raise MetadataError(f"{where}: empty Image Index")
+      if name in first_line:
+        repeated.append(f"{name} ({first_line[name]} and {where})")
+      first_line.setdefault(name, where)
       try:
-        names.append(row[0].strip())
+        names.append(name)
         labels.append(vector)
         normal.append(is_normal)
         follow.append(int(row[2]))
@@ -163,10 +193,16 @@ def read_data_entry(path: str) -> Entries:
         sex.append(row[5].strip())
         view.append(row[6].strip())
         size.append((int(float(row[7])), int(float(row[8]))))
-      except ValueError as e:
+      except (ValueError, OverflowError) as e:
         raise MetadataError(f"{where}: {e}") from None
   if not names:
     raise MetadataError(f"{path} has a header but no rows")
+  if repeated:
+    # The last row would silently win, and the image could land in two
+    # splits.
+    raise MetadataError(
+        f"{path}: {len(repeated)} images are listed more than once, each "
+        f"must have one row (first: {'; '.join(repeated[:5])})")
   return Entries(
       names=np.array(names), labels=np.stack(labels), normal=np.array(normal),
       patient_id=np.array(pid, np.int64), follow_up=np.array(follow, np.int64),
@@ -196,7 +232,7 @@ class Boxes:
 def read_bbox_list(path: str) -> Boxes:
   """Reads BBox_List_2017.csv (plain or gzipped)."""
   names, label, xywh = [], [], []
-  with open_text(path) as f:
+  with _reading(path) as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if not header or header[0].strip() != "Image Index":
@@ -207,8 +243,11 @@ def read_bbox_list(path: str) -> Boxes:
         raise MetadataError(f"{where}: expected 6 fields (name, label, x, y, "
                             f"w, h), got {len(row)}: {row}")
       try:
+        box = [float(v) for v in row[2:6]]
+        if not all(map(math.isfinite, box)):
+          raise ValueError(f"box {row[2:6]} is not finite")
         label.append(L.index(row[1]))
-        xywh.append([float(v) for v in row[2:6]])
+        xywh.append(box)
       except KeyError as e:
         raise MetadataError(f"{where}: {e.args[0]}") from None
       except ValueError as e:
@@ -220,7 +259,7 @@ def read_bbox_list(path: str) -> Boxes:
 
 def read_list(path: str) -> list[str]:
   """Reads train_val_list.txt / test_list.txt (one image name per line)."""
-  with open_text(path) as f:
+  with _reading(path) as f:
     return [line.strip() for line in f if line.strip()]
 
 
@@ -236,6 +275,33 @@ class NIHMetadata:
 
 # Where a prepared dataset keeps its copies of the NIH metadata files.
 METADATA_DIR = "nih_metadata"
+# The metadata files, each a group of alternative names: Data_Entry first.
+METADATA_FILES = (DATA_ENTRY_NAMES, (BBOX_NAME,), (TRAIN_VAL_LIST,),
+                  (TEST_LIST,))
+
+
+def metadata_files(directory: str) -> list[str]:
+  """The metadata files present in `directory` (plain or .gz)."""
+  found = []
+  for names in METADATA_FILES:
+    try:
+      found.append(find_file(directory, names))
+    except FileNotFoundError:
+      continue
+  return found
+
+
+def digests(directory: str) -> dict[str, str]:
+  """File name -> SHA-256 of each metadata file in `directory`: what a
+  prepared dataset records of its source, and checks its copies against."""
+  out = {}
+  for path in metadata_files(directory):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        sha.update(block)
+    out[os.path.basename(path)] = sha.hexdigest()
+  return out
 
 
 def read_all(directory: str) -> NIHMetadata:

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from cxr_jax import labels as L
+from cxr_jax.data import metadata as M
 
 Batch = dict[str, np.ndarray]
 
@@ -70,6 +71,23 @@ class PreparedDataset:
                                  self.builder.info.features["image"].shape[0]))
     self.metadata = dict(md)
     self._index = {n: i for i, n in enumerate(self.names)}
+    self._check_metadata_copies(data_dir)
+
+  def _check_metadata_copies(self, data_dir: str) -> None:
+    """Splits and evaluation read the metadata copies beside the dataset:
+    they must be the files its records were built from."""
+    recorded = (self.metadata.get("source") or {}).get("files")
+    copies = os.path.join(data_dir, M.METADATA_DIR)
+    if not recorded or not os.path.isdir(copies):
+      return
+    now = M.digests(copies)
+    differ = sorted(n for n in set(recorded) | set(now)
+                    if recorded.get(n) != now.get(n))
+    if differ:
+      raise ValueError(
+          f"{self.path} was prepared from other metadata files than the "
+          f"copies in {copies} ({', '.join(differ)} differ): run `cxr-jax "
+          f"prepare --out {data_dir} --image_size {self.image_size}` again")
 
   def __len__(self) -> int:
     return len(self.names)
