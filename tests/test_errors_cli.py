@@ -312,3 +312,23 @@ def test_a_pickled_npz_as_init_weights_is_refused_naming_it(tmp_path):
   np.savez(meta, __meta__=np.array([{"model": 1}], dtype=object))
   with pytest.raises(weights.ConversionError, match=str(meta)):
     weights.read_metadata(str(meta))
+
+
+def test_a_pth_with_a_non_tensor_or_a_wrong_rank_is_named(tmp_path):
+  torch = pytest.importorskip("torch")
+  from cxr_jax import weights
+  from cxr_jax.parity import torch_resnet
+  sd = torch_resnet.build_torch_reference("resnet50").state_dict()
+  odd = tmp_path / "odd.pth"
+  torch.save(dict(sd, **{"layer1.0.conv1.weight": "a string"}), odd)
+  with pytest.raises(weights.ConversionError,
+                     match=r"odd\.pth: 1 entries are not tensors.*"
+                           r"layer1\.0\.conv1\.weight"):
+    weights.convert("resnet50", "torchvision", str(odd),
+                    str(tmp_path / "out.npz"))
+  flat = tmp_path / "flat.pth"
+  torch.save(dict(sd, **{"layer1.0.conv1.weight": torch.zeros(64, 64)}),
+             flat)
+  with pytest.raises(weights.ConversionError, match=r"flat\.pth"):
+    weights.convert("resnet50", "torchvision", str(flat),
+                    str(tmp_path / "out.npz"))

@@ -374,6 +374,12 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(sd, Mapping):
     raise ConversionError(f"{path} holds a {type(sd).__name__}, not a "
                           f"state dict")
+  not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+  if not_tensors:
+    raise ConversionError(
+        f"{path}: {len(not_tensors)} entries are not tensors, e.g. "
+        f"{not_tensors[0]!r} holds a {type(sd[not_tensors[0]]).__name__}; "
+        f"a state dict maps names to tensors")
   # DataParallel checkpoints prefix every key with 'module.'.
   return {re.sub(r"^module\.", "", k): v.detach().cpu().numpy().astype(
       np.float64) for k, v in sd.items()}
