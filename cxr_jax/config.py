@@ -141,16 +141,6 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def _min_input_size(model_name: str) -> int | None:
-  """The smallest input side the backbone accepts: each family's module
-  holds it as MIN_INPUT_SIZE, which its `model_input` check enforces."""
-  if model_name not in models.MODELS:
-    return None  # models.build names the unknown model
-  constructor = models.MODELS[model_name][0]
-  return getattr(sys.modules.get(constructor.__module__), "MIN_INPUT_SIZE",
-                 None)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError naming the first field out of its range (RANGES),
   or an image_size below what the backbone accepts."""
@@ -164,7 +154,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if problem:
       raise ConfigError(f"--config.{key}={value!r} {problem}")
   if "model_name" in config and "image_size" in config:
-    low = _min_input_size(config.model_name)
+    low = (models.min_input_size(config.model_name)
+           if config.model_name in models.MODELS else None)
     if low is not None and config.image_size < low:
       raise ConfigError(
           f"--config.image_size={config.image_size} is too small for "

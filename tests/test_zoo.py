@@ -37,9 +37,8 @@ def quick_compile():
 
 
 def _min_size(name: str) -> int:
-  constructor, _ = models.MODELS[name]
-  module = importlib.import_module(constructor.__module__)
-  size = max(75, module.MIN_INPUT_SIZE)
+  module = importlib.import_module(models.MODELS[name][0].__module__)
+  size = max(75, models.min_input_size(name))
   # Some upstreams compute only some sizes (the Caffe BN-Inception's
   # ceil-mode pools): take the next size the network computes.
   if hasattr(module, "computable_size"):

@@ -9,6 +9,8 @@ one with `config.model_name` and passes `config.model` as keyword arguments
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -58,6 +60,15 @@ def build(name: str, **kwargs) -> nn.Module:
 _LEGACY_MODEL_KEYS = ("dtype", "dropout_rate", "bn_momentum", "head_pooling",
                       "lse_r", "output_stride", "depth_multiplier",
                       "conv_init")
+
+
+def min_input_size(name: str) -> int:
+  """The smallest input side backbone `name` accepts: its family module's
+  MIN_INPUT_SIZE, which the model's input check enforces."""
+  if name not in MODELS:
+    raise ModelConfigError(f"config.model_name={name!r} is not a known "
+                           f"backbone; choose one of {sorted(MODELS)}")
+  return sys.modules[MODELS[name][0].__module__].MIN_INPUT_SIZE
 
 
 def upgrade_config(config: ml_collections.ConfigDict
