@@ -74,6 +74,17 @@ def test_every_range_is_checked_where_the_config_is_loaded():
   assert c.image_size == 64
 
 
+def test_a_registered_backbone_without_a_declared_floor_loads(monkeypatch):
+  # A user's own network (here the tests' SmallNet, whose module declares no
+  # MIN_INPUT_SIZE) is left to its own forward pass, not refused by a bug.
+  from conftest import SmallNet
+  from cxr_jax import models
+  monkeypatch.setitem(models.MODELS, "small_net", (SmallNet, {}))
+  assert models.min_input_size("small_net") is None
+  c = config.load_config(TINY, ["model_name=small_net", "image_size=16"])
+  assert c.image_size == 16
+
+
 @pytest.fixture
 def a_file(tmp_path):
   path = tmp_path / "a_file"

@@ -62,13 +62,16 @@ _LEGACY_MODEL_KEYS = ("dtype", "dropout_rate", "bn_momentum", "head_pooling",
                       "conv_init")
 
 
-def min_input_size(name: str) -> int:
+def min_input_size(name: str) -> int | None:
   """The smallest input side backbone `name` accepts: its family module's
-  MIN_INPUT_SIZE, which the model's input check enforces."""
+  MIN_INPUT_SIZE, which the model's input check enforces. None for a
+  backbone registered from elsewhere that declares none (a user's own
+  network): its own forward pass is then the only check."""
   if name not in MODELS:
     raise ModelConfigError(f"config.model_name={name!r} is not a known "
                            f"backbone; choose one of {sorted(MODELS)}")
-  return sys.modules[MODELS[name][0].__module__].MIN_INPUT_SIZE
+  module = sys.modules.get(MODELS[name][0].__module__)
+  return getattr(module, "MIN_INPUT_SIZE", None)
 
 
 def upgrade_config(config: ml_collections.ConfigDict
