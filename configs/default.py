@@ -69,5 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_eval_images = 0      # 0 = the whole validation split
   # Parallelism
   c.parallel = "shard_map"   # or 'pmap'; both wrap the same per-device step
+  # JAX's persistent compilation cache, so a restarted or preempted job
+  # reads its compiled step back instead of compiling it again (minutes for
+  # a deep backbone). '' = JAX_COMPILATION_CACHE_DIR if set, else
+  # ~/.cache/cxr_jax/jax_compilation_cache; --config.compilation_cache=false
+  # turns it off.
+  c.compilation_cache = True
+  c.compilation_cache_dir = ""
   c.seed = 0
   return c

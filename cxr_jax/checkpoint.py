@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Any
@@ -39,7 +40,8 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 RESUMABLE_KEYS = frozenset((
     "data_dir", "num_train_steps", "loader_threads", "log_every_steps",
     "eval_every_steps", "eval_batch_size", "checkpoint_every_steps",
-    "max_eval_images", "parallel", "nonfinite"))
+    "max_eval_images", "parallel", "nonfinite", "compilation_cache",
+    "compilation_cache_dir"))
 
 
 class CheckpointError(ValueError):
@@ -86,6 +88,24 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, target: Any
   restored = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
+
+
+def best_so_far(mgr: ocp.CheckpointManager) -> dict[str, Any]:
+  """The best validation mean AUC and its step among the saved checkpoints
+  (a resumed run continues from them rather than from -inf)."""
+  step = mgr.best_step()
+  recorded = mgr.metrics(step) if step is not None else None
+  if not recorded or METRIC not in recorded:
+    return {"auc": -math.inf, "step": None}
+  return {"auc": float(recorded[METRIC]), "step": step}
+
+
+def validation_metric(val: dict[str, Any]) -> dict[str, float] | None:
+  """The checkpoint's metric for choosing the best; None (never the best)
+  unless the validation mean AUC and loss are both finite."""
+  if math.isfinite(val["mean"]) and math.isfinite(val["loss"]):
+    return {METRIC: val["mean"]}
+  return None
 
 
 def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:

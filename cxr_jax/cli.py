@@ -114,14 +114,15 @@ def _train(args, overrides) -> int:
                                   auto=args.distributed_auto)
   from cxr_jax import train
   from cxr_jax.config import load_config
+  from cxr_jax.preemption import NonFiniteLoss, Preempted
   config = load_config(args.config, overrides)
   os.makedirs(args.workdir, exist_ok=True)
   try:
     summary = train.train_and_evaluate(config, args.workdir)
-  except train.NonFiniteLoss as e:
+  except NonFiniteLoss as e:
     print(f"cxr-jax train: stopped: {e}", file=sys.stderr)
     return 3
-  except train.Preempted as e:
+  except Preempted as e:
     print(f"cxr-jax train: {e}", file=sys.stderr)
     return 143
   print(json.dumps(summary))

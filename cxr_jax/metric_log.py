@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -44,6 +45,30 @@ def _keep_steps_up_to(path: str, step: int) -> None:
   with open(tmp, "w") as f:
     f.writelines(kept)
   os.replace(tmp, path)
+
+
+class TrainWindow:
+  """The steps since the last log. Their metrics stay on the device until
+  `close` reads them all at once: one wait per window, not one per step."""
+
+  def __init__(self):
+    self.metrics: list[dict] = []
+    self.start = time.perf_counter()
+
+  def append(self, metrics: dict) -> None:
+    self.metrics.append(metrics)
+
+  def close(self) -> dict[str, float]:
+    """Mean finite loss, last loss and images/s of the window; starts the
+    next one."""
+    fetched = jax.device_get(self.metrics)
+    elapsed = time.perf_counter() - self.start
+    finite = [float(x["loss"]) for x in fetched
+              if math.isfinite(float(x["loss"]))]
+    self.__init__()
+    return {"train_loss": sum(finite) / len(finite) if finite else math.nan,
+            "last_loss": float(fetched[-1]["loss"]) if fetched else math.nan,
+            "images_per_s": sum(float(x["images"]) for x in fetched) / elapsed}
 
 
 class MetricLog:

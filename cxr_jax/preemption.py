@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,32 @@ class Preempted(SystemExit):
 
 class NonFiniteLoss(RuntimeError):
   """A non-finite loss with config.nonfinite='stop'; names the step."""
+
+
+class NonfiniteWatch:
+  """config.nonfinite='stop': raises NonFiniteLoss at the first step whose
+  loss, gradient or update was not finite.
+
+  Reading a step's flag makes the host wait for that step, so `add` reads
+  the previous step's while the new one runs, and `check` reads every
+  pending one at once; the loop calls it before it logs, saves or
+  validates, so a non-finite step never reaches a checkpoint.
+  """
+
+  def __init__(self, active: bool, describe: Callable[[int, dict], str]):
+    self.active, self.describe = active, describe
+    self.pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    if self.active:
+      self.check()
+      self.pending.append((step, metrics))
+
+  def check(self) -> None:
+    for step, metrics in self.pending:
+      if not bool(metrics["finite"]):
+        raise NonFiniteLoss(self.describe(step, metrics))
+    self.pending.clear()
 
 
 class FolderBusy(ValueError):

@@ -19,26 +19,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
-import time
 import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax.training import train_state
 from tqdm import tqdm
 
-from cxr_jax import checkpoint, inference, losses, metrics, models, optim
+from cxr_jax import (checkpoint, compilation, inference, losses, metrics,
+                     models, optim)
 from cxr_jax import labels as L
 from cxr_jax import parallel, weights
 from cxr_jax.data import pipeline, splits
-from cxr_jax.metric_log import MetricLog
-from cxr_jax.preemption import (FolderLock, NonFiniteLoss, Preempted,
-                                Preemption)
+from cxr_jax.metric_log import MetricLog, TrainWindow
+from cxr_jax.preemption import (FolderLock, NonfiniteWatch,
+                                Preempted, Preemption)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +152,17 @@ class Trainer:
         create_train_state(self.config, self.eval_model, rng))
 
   def train(self, state: TrainState, local_batch) -> tuple[TrainState, dict]:
-    return self._train(state, self.backend.put_batch(local_batch))
+    """One step on this process's share of a batch (placed here)."""
+    return self.step(state, self.backend.put_batch(local_batch))
+
+  def step(self, state: TrainState, placed_batch) -> tuple[TrainState, dict]:
+    """One step on a batch already placed by `backend.put_batch`."""
+    return self._train(state, placed_batch)
+
+  def compile(self, state: TrainState, placed_batch) -> dict[str, Any]:
+    """Compiles the step for these arguments before it first runs; returns
+    the seconds and what the persistent cache said (run_header.json)."""
+    return compilation.compile_ahead(self._train, state, placed_batch)
 
   def validate(self, state: TrainState, dataset, names) -> dict[str, Any]:
     """Per-class AUC [14], mean AUC, defined classes and the loss over
@@ -173,24 +181,6 @@ class Trainer:
     mean, defined = metrics.mean_auc(aucs)
     return {"aucs": aucs, "mean": mean, "defined": defined,
             "loss": out["loss"]}
-
-
-def _best_so_far(mgr) -> dict[str, Any]:
-  """The best validation mean AUC and its step among the saved checkpoints
-  (a resumed run continues from them rather than from -inf)."""
-  step = mgr.best_step()
-  recorded = mgr.metrics(step) if step is not None else None
-  if not recorded or checkpoint.METRIC not in recorded:
-    return {"auc": -math.inf, "step": None}
-  return {"auc": float(recorded[checkpoint.METRIC]), "step": step}
-
-
-def _validation_metric(val: dict[str, Any]) -> dict[str, float] | None:
-  """The checkpoint's metric for choosing the best; None (never the best)
-  unless the validation mean AUC and loss are both finite."""
-  if math.isfinite(val["mean"]) and math.isfinite(val["loss"]):
-    return {checkpoint.METRIC: val["mean"]}
-  return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
@@ -217,6 +207,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                         ) -> dict[str, Any]:
   if config.init_weights:  # the run records what its model needs
     weights.adopt_architecture(config)
+  cache_dir = compilation.configure_cache(config.compilation_cache,
+                                          config.compilation_cache_dir)
   dataset = pipeline.PreparedDataset(config.data_dir, config.image_size)
   if dataset.image_size != config.image_size:
     raise ValueError(f"{dataset.path} is {dataset.image_size}px; config asks "
@@ -236,6 +228,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if start:
     state = trainer.backend.put_state(restored)
     data_iter.set_state(data_state)
+  feed = pipeline.DeviceFeed(data_iter, trainer.backend.put_batch)
+  compiled = ({"train_step": trainer.compile(state, feed.peek())}
+              if start < config.num_train_steps else {})
   val_names = names["val"][:config.max_eval_images or None]
   is_main = jax.process_index() == 0
   if is_main:
@@ -249,21 +244,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       "per_device_batch": config.batch_size // trainer.num_devices,
       "parameters": n_params,
       "split_sizes": {k: len(v) for k, v in names.items()},
-      "split_images_not_prepared": dropped, "resumed_from_step": start})
+      "split_images_not_prepared": dropped, "resumed_from_step": start,
+      "compile": compiled, "compilation_cache_dir": cache_dir})
   progress = tqdm(total=config.num_train_steps, initial=start, desc="train",
                   unit="step", dynamic_ncols=True, disable=not is_main)
-  best = _best_so_far(mgr)
-  window, window_start = [], time.perf_counter()
+  best = checkpoint.best_so_far(mgr)
+  window = TrainWindow()
   images_per_s = float("nan")
   step = start
   schedule = optim.learning_rate_schedule(config)
   lr_at = schedule if callable(schedule) else (lambda _: schedule)
-  save = lambda **kw: checkpoint.save(mgr, step, state, data_iter.get_state(),
+  save = lambda **kw: checkpoint.save(mgr, step, state, feed.get_state(),
                                       config, **kw)
+  nonfinite = NonfiniteWatch(
+      config.nonfinite == "stop",
+      lambda at, m: f"non-finite loss, gradient or update at step {at} "
+                    f"(learning rate {float(lr_at(at - 1)):g}): the batch had "
+                    f"{int(m['positives'])} positive disease labels in "
+                    f"{int(m['images'])} images (config.nonfinite='stop')")
+
   with Preemption() as preemption, metric_log, progress:
     try:
       while step < config.num_train_steps:
         if preemption.requested:
+          nonfinite.check()
           # The scheduled save may already hold this step (SIGTERM right
           # after it): saving it again would raise instead of exiting.
           mgr.wait_until_finished()
@@ -271,44 +275,43 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
             save(force=True)
             mgr.wait_until_finished()
           raise Preempted(f"SIGTERM: saved step {step} to {workdir}")
-        state, m = trainer.train(state, next(data_iter))
+        state, m = trainer.step(state, feed.pop())
         step += 1
+        feed.fill()  # the next batches travel while this step runs
         window.append(m)
-        if config.nonfinite == "stop" and not bool(m["finite"]):
-          raise NonFiniteLoss(
-              f"non-finite loss, gradient or update at step {step} (learning "
-              f"rate {float(lr_at(step - 1)):g}): the batch had "
-              f"{int(m['positives'])} positive disease labels in "
-              f"{int(m['images'])} images (config.nonfinite='stop')")
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-          fetched = jax.device_get(window)
-          elapsed = time.perf_counter() - window_start
-          images_per_s = sum(float(x["images"]) for x in fetched) / elapsed
-          finite = [float(x["loss"]) for x in fetched
-                    if math.isfinite(float(x["loss"]))]
+        nonfinite.add(step, m)
+        logs = (step % config.log_every_steps == 0 or
+                step == config.num_train_steps)
+        validates = bool(val_names) and (
+            step % config.eval_every_steps == 0 or
+            step == config.num_train_steps)
+        saves = validates or step % config.checkpoint_every_steps == 0 or (
+            step == config.num_train_steps)
+        if logs or saves:
+          nonfinite.check()
+        if logs:
+          logged = window.close()
+          images_per_s = logged["images_per_s"]
           metric_log.write(step, {
-              "train_loss": float(np.mean(finite)) if finite else float("nan"),
+              "train_loss": logged["train_loss"],
               "learning_rate": float(lr_at(step)),
               "images_per_s": images_per_s,
               "nonfinite_steps": int(state.nonfinite_steps)})
-          progress.set_postfix(loss=f"{float(fetched[-1]['loss']):.4f}",
+          progress.set_postfix(loss=f"{logged['last_loss']:.4f}",
                                img_s=f"{images_per_s:.1f}")
-          window, window_start = [], time.perf_counter()
         progress.update(1)
-        if val_names and (step % config.eval_every_steps == 0 or
-                          step == config.num_train_steps):
+        if validates:
           val = trainer.validate(state, dataset, val_names)
           metric_log.write(step, {
               "val_loss": val["loss"], "val_mean_auc": val["mean"],
               "val_defined_classes": val["defined"],
               **{f"val_auc/{d}": float(a)
                  for d, a in zip(L.DISEASES, val["aucs"])}})
-          metric = _validation_metric(val)
+          metric = checkpoint.validation_metric(val)
           if metric and val["mean"] > best["auc"]:
             best = {"auc": val["mean"], "step": step}
           save(metrics=metric)
-        elif (step % config.checkpoint_every_steps == 0 or
-              step == config.num_train_steps):
+        elif saves:
           save()
     finally:
       mgr.wait_until_finished()

@@ -6,18 +6,33 @@ random batches, a few training steps) are importable as `conftest` by the
 scripts that tests run in subprocesses, which put this folder on sys.path.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session and the CLI runs it
+# starts: tests build the same programs again and again (a new Trainer per
+# test, the same step in a subprocess), and a cached executable is the one
+# that was compiled, so no exactness check changes.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="cxr_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"],
+                  ignore_errors=True)
+XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)  # if jax came first
 
 from cxr_jax import train  # noqa: E402
 from cxr_jax.config import load_config  # noqa: E402

@@ -2,8 +2,6 @@
 
 import gzip
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
@@ -300,6 +298,31 @@ def test_pipeline_is_deterministic_and_resumable(prepared):
   assert x["image"].dtype == np.uint8 and x["labels"].shape == (8, 15)
   rec = ds.record(int(x["index"][0]))
   assert x["labels"][0, L.NORMAL_INDEX] == float(rec["normal"])
+
+
+def test_device_feed_resumes_before_the_batches_it_holds(prepared):
+  """Batches placed ahead of their step are not yet trained on: the state
+  a checkpoint records is the loader's before the first of them."""
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  names = ds.names[:50]
+  make = lambda: iter(pipeline.train_dataset(ds, names, 10, 4,
+                                             process_index=0,
+                                             process_count=1))
+  placed = []
+  feed = pipeline.DeviceFeed(make(), lambda b: placed.append(b) or b,
+                             depth=2)
+  first = feed.peek()
+  assert len(placed) == 2 and feed.pop() is first  # peek leaves it queued
+  feed.fill()
+  second = feed.pop()
+  feed.fill()
+  assert len(placed) == 4  # two batches wait beyond the two trained on
+  resumed = make()
+  resumed.set_state(feed.get_state())
+  np.testing.assert_array_equal(next(resumed)["index"],
+                                feed.pop()["index"])
+  assert not np.array_equal(first["index"], second["index"])
 
 
 def test_process_shares_make_the_global_batch(prepared):

@@ -1,6 +1,5 @@
 """Our Adadelta follows Keras' (TensorFlow's) trajectory step for step."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

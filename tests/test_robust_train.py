@@ -23,7 +23,7 @@ import pytest
 from conftest import SmallNet, random_batches, small_model, train_config
 from cxr_jax import checkpoint, models, train
 from cxr_jax.metric_log import MetricLog
-from cxr_jax.preemption import FolderBusy, FolderLock
+from cxr_jax.preemption import FolderBusy, FolderLock, NonFiniteLoss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,30 @@ def test_a_nonfinite_validation_is_never_best_and_a_changed_config_is_refused(
                            r"learning_rate: 0\.05 -> 0\.1; "
                            r"model\.head_pooling: \(unset\) -> \"lse\""):
     train.train_and_evaluate(changed, workdir)
+
+
+def test_nonfinite_stop_names_its_step_and_no_checkpoint_holds_it(
+    tiny_data, tmp_path, monkeypatch):
+  # The loop reads each step's finite flag one step late (so the host never
+  # waits on the step it just launched), and at once before a log, a save
+  # or a validation: step 4 is named, and neither its checkpoint nor its
+  # log is written.
+  monkeypatch.setitem(models.MODELS, "small_net", (SmallNet, {}))
+  real_step = train.Trainer.step
+
+  def nan_at_step_4(self, state, batch):
+    state, m = real_step(self, state, batch)
+    return state, {**m, "finite": m["finite"] & (state.step != 4)}
+
+  monkeypatch.setattr(train.Trainer, "step", nan_at_step_4)
+  workdir = tmp_path / "run"
+  c = _small_run(tiny_data, nonfinite="stop", num_train_steps=6,
+                 checkpoint_every_steps=2, eval_every_steps=100,
+                 log_every_steps=4)
+  with pytest.raises(NonFiniteLoss, match=r"at step 4 \(learning "):
+    train.train_and_evaluate(c, str(workdir))
+  assert _steps_saved(workdir) == [2]
+  assert not (workdir / "metrics.jsonl").read_text()
 
 
 def _toy_checkpoints(workdir, steps, config):
@@ -185,7 +209,7 @@ import conftest
 from cxr_jax import cli, models, train
 
 models.MODELS["small_net"] = (conftest.SmallNet, {{}})
-step = train.Trainer.train
+step = train.Trainer.step
 
 
 def paced(self, state, batch):
@@ -195,7 +219,7 @@ def paced(self, state, batch):
   return step(self, state, batch)
 
 
-train.Trainer.train = paced
+train.Trainer.step = paced
 sys.exit(cli.main(sys.argv[1:]))
 """
 

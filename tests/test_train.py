@@ -1,7 +1,6 @@
 """Training: N devices (shard_map or pmap) equal one, steps are pure, the loop
 learns, checkpoints keep the best, and a killed run resumes exactly."""
 
-import functools
 import json
 import os
 import pathlib
@@ -17,8 +16,7 @@ import pytest
 
 from conftest import (ROOT, SmallNet, random_batches, rel_error, run_steps,
                       small_model, train_config)
-from cxr_jax import (checkpoint, inference, losses, models, optim, parallel,
-                     train)
+from cxr_jax import (checkpoint, inference, losses, models, optim, train)
 from cxr_jax import labels as L
 from cxr_jax.config import apply_overrides, load_config
 
@@ -316,7 +314,7 @@ def test_loop_on_a_small_model_resumes_with_its_best_and_analyses(
   """train_and_evaluate end to end in-process on a small registered model:
   validation, checkpoints, a resume whose summary keeps the best it had,
   and evaluate/localize/predict through the one inference path."""
-  from cxr_jax import evaluation, localization, predict
+  from cxr_jax import evaluation, localization
   monkeypatch.setitem(models.MODELS, "small_net", (SmallNet, {}))
   c = train_config(data_dir=tiny_data, model_name="small_net",
                    num_train_steps=8, eval_every_steps=4,
@@ -340,6 +338,40 @@ def test_loop_on_a_small_model_resumes_with_its_best_and_analyses(
   assert loc["boxes"] > 0
   with pytest.raises(ValueError, match="threshold"):
     localization.localize(workdir, threshold=300)
+
+
+def test_run_header_records_compiling_and_a_restart_reads_the_cache(
+    tiny_data, tmp_path, monkeypatch):
+  """A second job with the same step (a restarted or preempted one) loads
+  it from the persistent cache; --config.compilation_cache=false opts
+  out. run_header.json says which happened and how long it took."""
+  from conftest import XLA_CACHE
+  from cxr_jax import compilation
+  monkeypatch.setitem(models.MODELS, "small_net", (SmallNet, {}))
+  c = train_config(data_dir=tiny_data, model_name="small_net",
+                   num_train_steps=1, eval_every_steps=100, batch_size=8,
+                   loader_threads=1, max_eval_images=8, eval_batch_size=8,
+                   compilation_cache_dir=str(tmp_path / "cache"))
+  c.model = {"dtype": "float32"}
+  header = lambda run: json.load(open(tmp_path / run / "run_header.json"))
+  small = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    for run in ("first", "restarted"):
+      train.train_and_evaluate(c, str(tmp_path / run))
+    c.compilation_cache = False
+    train.train_and_evaluate(c, str(tmp_path / "opted_out"))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", small)
+    compilation.configure_cache(True, XLA_CACHE)
+  compiled = {run: header(run)["compile"]["train_step"]
+              for run in ("first", "restarted", "opted_out")}
+  assert [x["persistent_cache"] for x in compiled.values()] == [
+      "miss", "hit", "not used"], compiled
+  assert all(x["seconds"] > 0 for x in compiled.values())
+  assert header("first")["compilation_cache_dir"] == str(tmp_path / "cache")
+  assert header("opted_out")["compilation_cache_dir"] is None
+  assert os.listdir(tmp_path / "cache")
 
 
 def test_cosine_schedule_reaches_zero_at_the_last_step():

@@ -1,7 +1,6 @@
 """Converted ImageNet weights compute what the source framework computes."""
 
 import logging
-import os
 
 import h5py
 import numpy as np

@@ -22,10 +22,11 @@ Grain, with no TensorFlow.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -208,6 +209,41 @@ def eval_batches(dataset: PreparedDataset, names: Sequence[str],
   ds = grain.MapDataset.source(idx).slice(slice(p, None, count))
   ds = ds.map(_Load(dataset)).batch(local, drop_remainder=True)
   return iter(ds.to_iter_dataset(_read_options(threads)))
+
+
+class DeviceFeed:
+  """Batches placed on the devices ahead of the step that trains on them.
+
+  `put` (a back-end's `put_batch`) starts an asynchronous transfer, so after
+  `fill()` the next `depth` batches travel while the current step runs
+  (flax's `prefetch_to_device`). Each batch keeps the loader's state from
+  before it was drawn: `get_state()` is the state before the first batch not
+  yet trained on, so a checkpoint resumes exactly where training stopped,
+  not after the batches waiting here.
+  """
+
+  def __init__(self, batches, put: Callable[[Batch], Any], depth: int = 2):
+    self._batches, self._put, self._depth = batches, put, depth
+    self._queue: collections.deque = collections.deque()
+
+  def fill(self) -> None:
+    while len(self._queue) < self._depth:
+      state = self._batches.get_state()
+      self._queue.append((state, self._put(next(self._batches))))
+
+  def pop(self) -> Any:
+    """The next placed batch (drawn now if none is waiting)."""
+    if not self._queue:
+      self.fill()
+    return self._queue.popleft()[1]
+
+  def peek(self) -> Any:
+    """The next placed batch, left in place (to compile the step for it)."""
+    self.fill()
+    return self._queue[0][1]
+
+  def get_state(self) -> dict:
+    return self._queue[0][0] if self._queue else self._batches.get_state()
 
 
 def to_model_input(images):

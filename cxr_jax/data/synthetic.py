@@ -27,7 +27,6 @@ the images are `No Finding` and Hernia is the rarest.
 from __future__ import annotations
 
 import csv
-import io
 import multiprocessing
 import os
 from typing import NamedTuple

@@ -1,0 +1,152 @@
+"""Does the training loop keep the device busy? The loop's images/s against
+the bare step's, in one process, on the same model and batch.
+
+* bare step: `Trainer.train` in a tight loop on one host batch from the real
+  pipeline (the host-to-device transfer included), after compilation;
+* loop: `train.train_and_evaluate` with the real input pipeline (Grain
+  reading a prepared synthetic dataset), metrics, the progress bar,
+  asynchronous checkpoints every `--checkpoint_every` steps and one
+  validation at the end. Its rate is taken from metrics.jsonl's windows
+  after the first, so compilation is left out of both sides.
+
+A small network (InceptionV3 at depth multiplier 0.125, 75 px) keeps a CPU
+step short, like an accelerator's, so that any time the loop spends
+waiting on the host shows. The windows that follow a checkpoint save are
+reported apart: an asynchronous save must not slow them down.
+
+    python benchmarks/loop.py [--steps 120] [--batch 16] [--nonfinite stop]
+        [--reps 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prepared_dataset(root: pathlib.Path, image_size: int) -> str:
+  from cxr_jax.data import synthetic, tfds_builder
+  synthetic.synthesize(str(root / "nih"), num_images=400,
+                       image_size=max(96, image_size), seed=0, workers=2)
+  tfds_builder.prepare(str(root / "nih"), str(root / "prepared"),
+                       image_size=image_size, workers=2)
+  return str(root / "prepared")
+
+
+def bare_step(config, steps: int) -> dict:
+  """Images/s of the step alone on one real host batch, compiled first."""
+  from cxr_jax import train
+  from cxr_jax.data import pipeline, splits
+  dataset = pipeline.PreparedDataset(config.data_dir, config.image_size)
+  names, _ = splits.for_dataset(config, dataset.names)
+  batch = next(iter(pipeline.train_dataset(dataset, names["train"],
+                                           config.batch_size, config.seed)))
+  trainer = train.Trainer(config)
+  state = trainer.init_state(jax.random.key(config.seed))
+  start = time.perf_counter()
+  state, m = trainer.train(state, batch)
+  jax.block_until_ready(m)
+  first = time.perf_counter() - start
+  state, m = trainer.train(state, batch)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = trainer.train(state, batch)
+  jax.block_until_ready((state, m))
+  seconds = time.perf_counter() - start
+  return {"images_per_s": steps * config.batch_size / seconds,
+          "step_ms": seconds / steps * 1e3, "first_step_s": first}
+
+
+def loop(config, workdir: str) -> dict:
+  """Images/s of train_and_evaluate from its metrics windows after the
+  first; windows that follow a checkpoint save, apart."""
+  from cxr_jax import train
+  start = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  total = time.perf_counter() - start
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  windows = [r for r in rows if "images_per_s" in r][1:]
+  images = config.log_every_steps * config.batch_size
+  after_save = [r for r in windows
+                if (r["step"] - config.log_every_steps) %
+                config.checkpoint_every_steps == 0]
+  plain = [r for r in windows if r not in after_save]
+  rate = lambda rs: (len(rs) * images / sum(images / r["images_per_s"]
+                                            for r in rs)) if rs else None
+  header = json.load(open(os.path.join(workdir, "run_header.json")))
+  return {"images_per_s": rate(windows), "plain_windows": rate(plain),
+          "windows_after_a_save": rate(after_save),
+          "windows": len(windows), "wall_s": total,
+          "compile": header.get("compile")}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--steps", type=int, default=120)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--image_size", type=int, default=75)
+  parser.add_argument("--depth_multiplier", type=float, default=0.125)
+  parser.add_argument("--log_every", type=int, default=10)
+  parser.add_argument("--checkpoint_every", type=int, default=40)
+  parser.add_argument("--nonfinite", default="stop", choices=["stop", "skip"])
+  parser.add_argument("--loader_threads", type=int, default=2)
+  parser.add_argument("--reps", type=int, default=1)
+  parser.add_argument("--json")
+  args = parser.parse_args()
+
+  from cxr_jax.config import load_config
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    data = prepared_dataset(tmp, args.image_size)
+    config = load_config(str(ROOT / "configs" / "tiny.py"), [
+        f"data_dir={data}", f"image_size={args.image_size}",
+        f"model.depth_multiplier={args.depth_multiplier}",
+        "model.output_stride=32", f"batch_size={args.batch}",
+        f"num_train_steps={args.steps}", f"log_every_steps={args.log_every}",
+        f"checkpoint_every_steps={args.checkpoint_every}",
+        f"eval_every_steps={args.steps}", "max_eval_images=64",
+        f"nonfinite={args.nonfinite}",
+        f"loader_threads={args.loader_threads}",
+        f"compilation_cache_dir={tmp / 'xla_cache'}"])
+    runs = []
+    for rep in range(args.reps):  # interleaved, so drift hits both sides
+      bare = bare_step(config, args.steps)
+      looped = loop(config, str(tmp / f"run{rep}"))
+      runs.append({"bare": bare, "loop": looped,
+                   "ratio": looped["images_per_s"] / bare["images_per_s"]})
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  ratio = statistics.median(r["ratio"] for r in runs)
+  print(f"loop vs bare step: InceptionV3 x{args.depth_multiplier} at "
+        f"{args.image_size}px, global batch {args.batch}, {device}, "
+        f"jax {jax.__version__}, {os.cpu_count()} host cores, "
+        f"nonfinite={args.nonfinite}")
+  for r in runs:
+    b, l = r["bare"], r["loop"]
+    print(f"  bare {b['images_per_s']:.1f} img/s ({b['step_ms']:.1f} ms/step,"
+          f" first step {b['first_step_s']:.1f} s) | loop "
+          f"{l['images_per_s']:.1f} img/s (windows without a save "
+          f"{l['plain_windows'] or float('nan'):.1f}, after a save "
+          f"{l['windows_after_a_save'] or float('nan'):.1f}; compile "
+          f"{l['compile']}) | ratio {r['ratio']:.3f}")
+  print(f"median ratio loop / bare: {ratio:.3f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": device, "jax": jax.__version__,
+                 "args": vars(args), "runs": runs, "ratio": ratio}, f,
+                indent=2)
+
+
+if __name__ == "__main__":
+  main()
