@@ -71,6 +71,8 @@ def main():
   parser.add_argument("--copies", type=int, default=4)
   parser.add_argument("--size", type=int, default=299)
   parser.add_argument("--batches", type=int, default=150)
+  parser.add_argument("--threads", type=int, default=4,
+                      help="the loader's threads (config.loader_threads)")
   parser.add_argument("--json")
   args = parser.parse_args()
   cores = os.cpu_count()
@@ -96,7 +98,7 @@ def main():
     ds = pipeline.PreparedDataset(str(tmp / "prepared"))
     names = ds.names
     it = iter(pipeline.train_dataset(ds, names, 16, seed=0, process_index=0,
-                                     process_count=1))
+                                     process_count=1, threads=args.threads))
     to_input = jax.jit(pipeline.to_model_input)
     for _ in range(5):  # warm up threads and compile
       b = next(it)
@@ -125,7 +127,8 @@ def main():
 
   images = args.batches * 16
   result = {
-      "cores": cores, "images": n, "size": args.size,
+      "cores": cores, "loader_threads": args.threads, "images": n,
+      "size": args.size,
       "source": "real NIH PNGs" if (SAMPLE / "images").is_dir() else
                 "synthetic 1024^2 PNGs",
       "plain_pil_images_per_s": n / t_plain,

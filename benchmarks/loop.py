@@ -35,12 +35,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def prepared_dataset(root: pathlib.Path, image_size: int) -> str:
+def prepared_dataset(root: pathlib.Path, image_size: int,
+                     num_images: int = 400) -> str:
+  """Synthetic films prepared at `image_size` under `root`."""
   from cxr_jax.data import synthetic, tfds_builder
-  synthetic.synthesize(str(root / "nih"), num_images=400,
-                       image_size=max(96, image_size), seed=0, workers=2)
+  synthetic.synthesize(str(root / "nih"), num_images=num_images,
+                       image_size=max(96, image_size), seed=0)
   tfds_builder.prepare(str(root / "nih"), str(root / "prepared"),
-                       image_size=image_size, workers=2)
+                       image_size=image_size)
   return str(root / "prepared")
 
 
@@ -98,6 +100,7 @@ def main():
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--image_size", type=int, default=75)
   parser.add_argument("--depth_multiplier", type=float, default=0.125)
+  parser.add_argument("--dtype", default="float32")
   parser.add_argument("--log_every", type=int, default=10)
   parser.add_argument("--checkpoint_every", type=int, default=40)
   parser.add_argument("--nonfinite", default="stop", choices=["stop", "skip"])
@@ -113,6 +116,7 @@ def main():
     config = load_config(str(ROOT / "configs" / "tiny.py"), [
         f"data_dir={data}", f"image_size={args.image_size}",
         f"model.depth_multiplier={args.depth_multiplier}",
+        f"model.dtype={args.dtype}",
         "model.output_stride=32", f"batch_size={args.batch}",
         f"num_train_steps={args.steps}", f"log_every_steps={args.log_every}",
         f"checkpoint_every_steps={args.checkpoint_every}",

@@ -26,6 +26,14 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
+def write_json(path: str, model: str, results: list) -> None:
+  device = (f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+            f" ({jax.devices()[0].platform})")
+  with open(path, "w") as f:
+    json.dump({"device": device, "jax": jax.__version__, "model": model,
+               "results": results}, f, indent=2)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=20)
@@ -65,9 +73,13 @@ def main():
       jax.block_until_ready(m["loss"])
       step_s = (time.perf_counter() - t0) / args.steps
       results.append({"dtype": dtype, "global_batch": batch,
+                      "per_device_batch": batch // trainer.num_devices,
                       "images_per_s": batch / step_s,
                       "step_ms": step_s * 1e3,
                       "first_step_incl_compile_s": compile_s})
+      print(results[-1], flush=True)
+      if args.json:  # after every row: a run cut short keeps what it did
+        write_json(args.json, args.model, results)
   device = (f"{jax.device_count()} x {jax.devices()[0].device_kind}"
             f" ({jax.devices()[0].platform})")
   print(f"train step, {args.model} at {args.image_size}px on {device}, "
@@ -77,11 +89,6 @@ def main():
   for r in results:
     print(f"{r['dtype']:9s} {r['global_batch']:5d} {r['images_per_s']:9.2f} "
           f"{r['step_ms']:9.1f} {r['first_step_incl_compile_s']:9.1f}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": device, "jax": jax.__version__,
-                 "model": args.model,
-                 "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -187,12 +187,13 @@ def _predict(args) -> int:
   return 0
 
 
-def _demo(args) -> int:
+def _demo(args, overrides) -> int:
   logging.getLogger("cxr_jax").setLevel(logging.INFO)
   from cxr_jax import demo
   demo.run_demo(args.workdir, num_images=args.num_images,
                 image_size=args.image_size,
-                num_train_steps=args.num_train_steps)
+                num_train_steps=args.num_train_steps,
+                overrides=tuple(overrides))
   return 0
 
 
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num_images", type=_in_range(int, 1), default=1200)
   p.add_argument("--image_size", type=_in_range(int, 1), default=299)
   p.add_argument("--num_train_steps", type=_in_range(int, 1), default=300)
-  p.set_defaults(run=_demo)
+  # e.g. --config.model.dtype=bfloat16: configs/tiny.py with that changed
+  p.set_defaults(run=_demo, takes_overrides=True)
 
   p = sub.add_parser("synth", help="write a synthetic ChestX-ray14 in the "
                      "official layout, with planted findings and boxes")

@@ -141,6 +141,13 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+# bfloat16 computes convolutions and activations in bfloat16 while
+# parameters, optimizer state, BatchNorm statistics and the loss stay float32.
+# float16 would need loss scaling, which the step does not do; float64 is for
+# the exactness tests.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError naming the first field out of its range (RANGES),
   or an image_size below what the backbone accepts."""
@@ -153,6 +160,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problem = check(value)
     if problem:
       raise ConfigError(f"--config.{key}={value!r} {problem}")
+  dtype = (config.get("model") or {}).get("dtype", "float32")
+  if str(dtype) not in COMPUTE_DTYPES:
+    raise ConfigError(f"--config.model.dtype={dtype!r}: choose one of "
+                      f"{', '.join(COMPUTE_DTYPES)}")
   if "model_name" in config and "image_size" in config:
     low = (models.min_input_size(config.model_name)
            if config.model_name in models.MODELS else None)

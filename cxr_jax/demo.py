@@ -68,8 +68,15 @@ def run_demo(workdir: str, num_images: int = 1200, source_size: int = 320,
   start = time.perf_counter()
   # Absolute, so that the run's recorded data_dir works from any folder.
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   nih, data, run = (os.path.join(workdir, d) for d in ("nih", "data", "run"))
+  # Loaded first: a bad override is refused before minutes of synthesis.
+  config = load_config(str(ROOT / "configs" / "tiny.py"), [
+      f"data_dir={data}", f"image_size={image_size}",
+      f"num_train_steps={num_train_steps}",
+      f"eval_every_steps={max(num_train_steps // 4, 1)}",
+      f"checkpoint_every_steps={max(num_train_steps // 4, 1)}",
+      *overrides])
+  os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(os.path.join(nih, "Data_Entry_2017.csv")):
     _stage(1, f"synthesizing {num_images} films of {source_size}px")
     synthetic.synthesize(nih, num_images, source_size, seed)
@@ -79,12 +86,6 @@ def run_demo(workdir: str, num_images: int = 1200, source_size: int = 320,
   tfds_builder.prepare(nih, data, image_size)
   _stage(3, f"training configs/tiny.py for {num_train_steps} steps "
             f"(CW-CEL, auxiliary task, from scratch)")
-  config = load_config(str(ROOT / "configs" / "tiny.py"), [
-      f"data_dir={data}", f"image_size={image_size}",
-      f"num_train_steps={num_train_steps}",
-      f"eval_every_steps={max(num_train_steps // 4, 1)}",
-      f"checkpoint_every_steps={max(num_train_steps // 4, 1)}",
-      *overrides])
   summary = train.train_and_evaluate(config, run)
   _stage(4, "evaluating on the test split")
   ev = evaluation.evaluate(run, "best", "test", num_resamples=bootstrap)

@@ -66,7 +66,15 @@ class Inference:
   def __call__(self, variables: Any, local: Batch) -> dict[str, Any]:
     """This process's rows of one global batch (numpy), and the batch's
     'loss' and 'images' (floats) when a loss was asked for."""
-    out = self._forward(variables, parallel.global_batch(local, self.mesh))
+    return self.collect(self.launch(variables, local))
+
+  def launch(self, variables: Any, local: Batch) -> dict[str, jax.Array]:
+    """Places one global batch and starts its forward pass; returns at once
+    (JAX dispatches asynchronously), so the host can prepare the next."""
+    return self._forward(variables, parallel.global_batch(local, self.mesh))
+
+  def collect(self, out: dict[str, jax.Array]) -> dict[str, Any]:
+    """A launched batch's results on the host (waits for them)."""
     rows = {k: parallel.process_rows(out[k]) for k in ("probs", "class_maps")
             if k in out}
     if "loss" in out:
@@ -81,15 +89,27 @@ def predict_batches(inference: Inference, variables: Any,
   order, on every process: {'probs' [N, outputs], 'labels', 'index'} (and
   'loss', the image-weighted mean batch loss, with a loss function)."""
   probs, labels, index, losses, images = [], [], [], [], []
-  for batch in batches:
-    out = inference(variables, batch)
-    keep = batch["mask"] > 0
-    probs.append(out["probs"][keep])
-    labels.append(batch["labels"][keep])
-    index.append(batch["index"][keep])
+
+  def keep(batch, launched):
+    out = inference.collect(launched)
+    rows = batch["mask"] > 0
+    probs.append(out["probs"][rows])
+    labels.append(batch["labels"][rows])
+    index.append(batch["index"][rows])
     if "loss" in out:
       losses.append(out["loss"])
       images.append(out["images"])
+
+  # One batch in flight: batch k+1 is read, placed and launched before batch
+  # k's results are waited for, so the device never waits on the host.
+  pending = None
+  for batch in batches:
+    launched = inference.launch(variables, batch)
+    if pending is not None:
+      keep(*pending)
+    pending = (batch, launched)
+  if pending is not None:
+    keep(*pending)
   probs, labels, index = parallel.all_process_rows(
       np.concatenate(probs), np.concatenate(labels), np.concatenate(index))
   result = {"probs": probs, "labels": labels, "index": index}

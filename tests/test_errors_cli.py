@@ -51,6 +51,14 @@ def test_train_config_errors_name_the_override(override, culprit, tmp_path,
   assert not workdir.exists()  # refused before anything was written
 
 
+def test_demo_takes_overrides_and_refuses_a_bad_one_first(tmp_path, capsys):
+  workdir = tmp_path / "demo"
+  assert cli.main(["demo", "--workdir", str(workdir),
+                   "--config.model.dtype=float16"]) == 2
+  assert "model.dtype" in _one_error_line(capsys, "demo")
+  assert not workdir.exists()  # refused before synthesis
+
+
 @pytest.mark.parametrize("argv", [
     ["--config.learning_rate"], ["--config.learning_rate", "0.1"]])
 def test_an_override_without_a_value_is_named(argv, tmp_path, capsys):

@@ -96,11 +96,13 @@ def test_validation_weights_each_batch_by_its_global_images():
   """On several hosts a batch's loss is global, so its weight must be the
   global image count (the forward pass returns it), not this host's."""
 
-  def fake(variables, batch):
-    del variables
-    n = len(batch["mask"])
-    return {"probs": np.zeros((n, 15)), "loss": batch["loss"],
-            "images": batch["global_images"]}
+  class Fake:  # an Inference whose forward pass reports given values
+    def launch(self, variables, batch):
+      return batch
+
+    def collect(self, batch):
+      return {"probs": np.zeros((len(batch["mask"]), 15)),
+              "loss": batch["loss"], "images": batch["global_images"]}
 
   batches = []
   for loss, local, global_ in ((1.0, 4, 8), (3.0, 1, 2)):
@@ -109,7 +111,7 @@ def test_validation_weights_each_batch_by_its_global_images():
     batches.append({"mask": mask, "labels": np.zeros((4, 15)),
                     "index": np.arange(4), "loss": loss,
                     "global_images": float(global_)})
-  out = inference.predict_batches(fake, None, batches)
+  out = inference.predict_batches(Fake(), None, batches)
   assert out["loss"] == pytest.approx((1.0 * 8 + 3.0 * 2) / 10)
   assert len(out["probs"]) == 5
 
