@@ -73,11 +73,15 @@ def section(out: pathlib.Path) -> list[str]:
     lines += table([data], list(data)) + [""]
   cost = load(out, "step_cost")
   if cost:
-    rows = cost.get("rows") or cost.get("results") or []
-    lines += ["### step_cost.py: XLA's cost analysis of the compiled steps",
+    rows = [{"model": r["model"], "dtype": r["dtype"], "step": r["step"],
+             "GFLOP/img": r["ours"]["gflop_per_image"],
+             "MB/img": r["ours"]["mb_per_image"],
+             "compile s": r["ours"]["compile_s"]}
+            for r in cost["results"]]
+    lines += [f"### step_cost.py: XLA's cost analysis of the compiled steps, "
+              f"batch {cost['batch']} at {cost['size']} px, {cost['device']}",
               ""]
-    if rows:
-      lines += table(rows, list(rows[0])) + [""]
+    lines += table(rows, list(rows[0])) + [""] if rows else []
   return lines
 
 
