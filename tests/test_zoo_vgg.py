@@ -26,16 +26,16 @@ KERAS_NOTOP_COUNTS = {16: 14_714_688, 19: 20_024_384}
 TORCHVISION_COUNTS = {16: 138_357_544, 19: 143_667_240}
 
 
-def _check(name: str):
+def _check(name: str, sizes=SIZES):
   pytest.importorskip("keras")
   pytest.importorskip("torch")
   from cxr_jax.parity import vgg as parity
-  errors = parity.CHECKS[name](sizes=SIZES, batch=1)
+  errors = parity.CHECKS[name](sizes=sizes, batch=1)
   print(name, errors)
   assert sorted(errors) == sorted(
       f"{source}@{size}/{out}" for source in ("legacy", "keras3",
                                               "torchvision")
-      for size in SIZES for out in ("logits", "feature_map"))
+      for size in sizes for out in ("logits", "feature_map"))
   assert max(errors.values()) <= TOLERANCE
 
 
@@ -47,7 +47,9 @@ def test_parity_vgg16():
 
 @pytest.mark.slow
 def test_parity_vgg19():
-  _check("vgg19")
+  # VGG pads every convolution by one at stride 1 and pools 2x2 'VALID':
+  # VGG16 at both sizes proves the odd size's floor; VGG19 adds layers only.
+  _check("vgg19", sizes=(299,))
 
 
 @pytest.fixture(scope="module")
