@@ -52,6 +52,9 @@ class TrainWindow:
   `close` reads them all at once: one wait per window, not one per step."""
 
   def __init__(self):
+    self._start()
+
+  def _start(self) -> None:
     self.metrics: list[dict] = []
     self.start = time.perf_counter()
 
@@ -65,7 +68,7 @@ class TrainWindow:
     elapsed = time.perf_counter() - self.start
     finite = [float(x["loss"]) for x in fetched
               if math.isfinite(float(x["loss"]))]
-    self.__init__()
+    self._start()
     return {"train_loss": sum(finite) / len(finite) if finite else math.nan,
             "last_loss": float(fetched[-1]["loss"]) if fetched else math.nan,
             "images_per_s": sum(float(x["images"]) for x in fetched) / elapsed}

@@ -10,7 +10,6 @@ one with `config.model_name` and passes `config.model` as keyword arguments
 from __future__ import annotations
 
 import sys
-
 from typing import Any, Callable
 
 import flax.linen as nn
