@@ -1,5 +1,7 @@
 """InceptionV3's structure: sizes, named features, dtype, parameter counts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,16 @@ from cxr_jax.models.inception_v3 import feature_grid
 def _shapes(model, size):
   return jax.eval_shape(lambda: model.init(jax.random.key(0),
                                            jnp.zeros((1, size, size, 3))))
+
+
+# Jitted rather than eager: one compile of the whole network costs less on
+# CPU than dispatching (and compiling) each of its hundreds of ops alone.
+def _init(model, x, seed=0):
+  return jax.jit(model.init)(jax.random.key(seed), x)
+
+
+def _apply(model, variables, x, **kwargs):
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
 
 
 def test_parameter_counts_match_keras():
@@ -44,9 +56,9 @@ def test_deepcxray_head_is_14_diseases_then_normal():
 @pytest.mark.parametrize("size,grid", [(75, 1), (107, 2), (299, 8)])
 def test_features_are_reachable_by_name_at_any_size(size, grid):
   model = InceptionV3(num_classes=15)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  logits, feats = model.apply(variables, jnp.zeros((2, size, size, 3)),
-                              return_features=True)
+  variables = _init(model, jnp.zeros((1, size, size, 3)))
+  logits, feats = _apply(model, variables, jnp.zeros((2, size, size, 3)),
+                         return_features=True)
   assert logits.shape == (2, 15)
   assert feats[FEATURE_MAP].shape == (2, grid, grid, 2048)
   np.testing.assert_allclose(feats["pooled"],
@@ -66,8 +78,8 @@ def test_transition_head_pools_with_the_configured_lse_r():
   for r in (2.0, 10.0):
     model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                         transition_channels=16, lse_r=r)
-    variables = model.init(jax.random.key(0), x)
-    logits[r], feats = model.apply(variables, x, return_features=True)
+    variables = _init(model, x)
+    logits[r], feats = _apply(model, variables, x, return_features=True)
     t = np.asarray(feats["transition"], np.float64)
     pooled = np.log(np.exp(r * t).mean((1, 2))) / r
     head = variables["params"]["head"]
@@ -111,13 +123,13 @@ def test_rejects_inputs_below_75_pixels():
 def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
   x = jax.random.uniform(jax.random.key(1), (2, 75, 75, 3), minval=-1, maxval=1)
   f32 = InceptionV3(num_classes=15)
-  variables = f32.init(jax.random.key(0), x)
+  variables = _init(f32, x)
   bf16 = InceptionV3(num_classes=15, dtype=jnp.bfloat16)
-  bf16_vars = bf16.init(jax.random.key(0), x)
+  bf16_vars = _shapes(bf16, 75)
   assert {l.dtype for l in jax.tree_util.tree_leaves(bf16_vars)} == {
       jnp.dtype("float32")}
-  ref = f32.apply(variables, x)
-  out, feats = bf16.apply(variables, x, return_features=True)
+  ref = _apply(f32, variables, x)
+  out, feats = _apply(bf16, variables, x, return_features=True)
   assert feats[FEATURE_MAP].dtype == jnp.bfloat16
   assert out.dtype == jnp.float32
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
@@ -127,10 +139,10 @@ def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
 def test_training_mode_updates_batch_stats_and_uses_dropout():
   model = InceptionV3(num_classes=15, dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 75, 75, 3))
-  variables = model.init(jax.random.key(0), x)
-  out, updates = model.apply(variables, x, train=True,
-                             mutable=["batch_stats"],
-                             rngs={"dropout": jax.random.key(2)})
+  variables = _init(model, x)
+  out, updates = _apply(model, variables, x, train=True,
+                        mutable=["batch_stats"],
+                        rngs={"dropout": jax.random.key(2)})
   before = variables["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
   after = updates["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
   assert not np.allclose(before, after)
@@ -181,8 +193,8 @@ def test_lse_head_pools_the_class_maps():
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                       head_pooling="lse", lse_r=10.0)
   x = jax.random.uniform(jax.random.key(1), (2, 139, 139, 3), minval=-1)
-  variables = model.init(jax.random.key(0), x)
-  logits, feats = model.apply(variables, x, return_features=True)
+  variables = _init(model, x)
+  logits, feats = _apply(model, variables, x, return_features=True)
   maps = np.asarray(feats["class_maps"], np.float64)
   head = variables["params"]["head"]
   # The class maps are the CAMs plus the bias ...
@@ -207,7 +219,7 @@ def test_delta_init_starts_every_convolution_at_its_centre_tap():
   assert abs(kernel[3, 0].var() * 64 - 1) < 0.2
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                       conv_init="delta")
-  params = model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))["params"]
+  params = _init(model, jnp.zeros((1, 75, 75, 3)))["params"]
   k = np.asarray(params["Mixed_6b"]["branch7x7dbl_2"]["conv"]["kernel"])
   assert k.shape[:2] == (7, 1) and np.abs(k[3]).sum() > 0
   assert np.count_nonzero(np.delete(k, 3, axis=0)) == 0
@@ -221,11 +233,12 @@ def _centre_cell_gradient_radius(model, size=299):
   input-gradient mass of that cell's features: its effective receptive
   field (Luo et al. 2016)."""
   x = jax.random.uniform(jax.random.key(2), (1, size, size, 3), minval=-1)
-  variables = model.init(jax.random.key(0), x)
+  variables = _init(model, x)
   cells, offset, stride = feature_grid(size)
   c = cells // 2
-  grad = jax.grad(lambda x: model.apply(variables, x, return_features=True)[1][
-      FEATURE_MAP][0, c, c].sum())(x)
+  cell_sum = lambda variables, x: model.apply(
+      variables, x, return_features=True)[1][FEATURE_MAP][0, c, c].sum()
+  grad = jax.jit(jax.grad(cell_sum, argnums=1))(variables, x)
   return mass_radius(np.abs(np.asarray(grad[0])).sum(-1), offset + stride * c)
 
 

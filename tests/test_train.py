@@ -218,8 +218,11 @@ def _wait_for_checkpoint(workdir, proc, at_least=4, timeout=300):
 
 
 @pytest.mark.slow
-def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
-                                                                 tmp_path):
+def test_a_preempted_run_resumes_to_the_same_parameters(tiny_data, tmp_path):
+  """InceptionV3 through `cxr-jax train`: SIGTERM, resume, and the same
+  parameters bit for bit as a run never stopped. (SIGKILL, repeated
+  preemption and a stale lock: the soak test in test_robust_train.py, on a
+  small network, since every CLI run here costs about a minute.)"""
   env = _env(tmp_path / "jax_cache")
   ref_dir = tmp_path / "uninterrupted"
   subprocess.run(_train_cmd(ref_dir, tiny_data), env=env, check=True,
@@ -227,8 +230,8 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
   ref, ref_step = _final_params(ref_dir)
   assert ref_step == 12
 
-  # One run, interrupted twice: SIGTERM after its first checkpoint (it must
-  # save the current step and exit 143), then SIGKILL after a later one.
+  # SIGTERM after the first checkpoint: the run must save the step it is
+  # on and exit 143; the next run resumes from that step.
   run = tmp_path / "interrupted"
   proc = subprocess.Popen(_train_cmd(run, tiny_data), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -240,16 +243,10 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(tiny_data,
   assert "SIGTERM: saved step" in err
   saved = max(int(p.name) for p in (run / "checkpoints").iterdir()
               if p.name.isdigit())
-  proc = subprocess.Popen(_train_cmd(run, tiny_data), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  _wait_for_checkpoint(run, proc, at_least=saved + 1)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
   subprocess.run(_train_cmd(run, tiny_data), env=env, check=True,
                  capture_output=True, timeout=600)
   header = json.loads((run / "run_header.json").read_text())
-  assert header["resumed_from_step"] > saved
+  assert header["resumed_from_step"] == saved
   params, step = _final_params(run)
   assert step == 12
   for a, b in zip(jax.tree_util.tree_leaves(params),
