@@ -54,28 +54,30 @@ class Pattern(NamedTuple):
   amplitude: float  # added brightness; negative textures darken
 
 
-# One pattern per disease, in cxr_jax.labels.DISEASES order. Each disease has
-# a texture no other disease has, and its place is drawn anew for every film
-# (anywhere in either lung). A model can only find a disease by its look,
-# not by a fixed pixel position, so a correct class activation map has to
-# point at the finding: that is what makes the CAM boxes a test.
-PATTERNS = (
-    Pattern(0.10, "stripes_h", 0.35),   # Atelectasis
-    Pattern(0.12, "disc", 0.30),        # Cardiomegaly
-    Pattern(0.10, "haze", 0.45),        # Effusion
-    Pattern(0.11, "checker", 0.35),     # Infiltration
-    Pattern(0.09, "ring", 0.45),        # Mass
-    Pattern(0.08, "bullseye", 0.45),    # Nodule
-    Pattern(0.10, "stripes_d", 0.40),   # Pneumonia
-    Pattern(0.10, "dark", 0.35),        # Pneumothorax
-    Pattern(0.09, "dots", 0.45),        # Consolidation
-    Pattern(0.10, "stripes_v", 0.35),   # Edema
-    Pattern(0.09, "dark_ring", 0.45),   # Emphysema
-    Pattern(0.09, "cross", 0.40),       # Fibrosis
-    Pattern(0.09, "stripes_a", 0.40),   # Pleural Thickening
-    Pattern(0.09, "dark_checker", 0.40),  # Hernia
+# One pattern per disease: (disease, radius, texture, amplitude), in
+# cxr_jax.labels.DISEASES order. Each disease has a texture no other disease
+# has, and its place is drawn anew for every film (anywhere in either lung).
+# A model can only find a disease by its look, not by a fixed pixel
+# position, so a correct class activation map has to point at the finding:
+# that is what makes the CAM boxes a test.
+_PATTERN_ROWS = (
+    ("Atelectasis", 0.10, "stripes_h", 0.35),
+    ("Cardiomegaly", 0.12, "disc", 0.30),
+    ("Effusion", 0.10, "haze", 0.45),
+    ("Infiltration", 0.11, "checker", 0.35),
+    ("Mass", 0.09, "ring", 0.45),
+    ("Nodule", 0.08, "bullseye", 0.45),
+    ("Pneumonia", 0.10, "stripes_d", 0.40),
+    ("Pneumothorax", 0.10, "dark", 0.35),
+    ("Consolidation", 0.09, "dots", 0.45),
+    ("Edema", 0.10, "stripes_v", 0.35),
+    ("Emphysema", 0.09, "dark_ring", 0.45),
+    ("Fibrosis", 0.09, "cross", 0.40),
+    ("Pleural Thickening", 0.09, "stripes_a", 0.40),
+    ("Hernia", 0.09, "dark_checker", 0.40),
 )
-assert len(PATTERNS) == L.NUM_DISEASES
+assert tuple(row[0] for row in _PATTERN_ROWS) == L.DISEASES
+PATTERNS = tuple(Pattern(*row[1:]) for row in _PATTERN_ROWS)
 assert len({p.texture for p in PATTERNS}) == L.NUM_DISEASES
 LUNGS = ((0.31, 0.48), (0.69, 0.48))  # centres; semi-axes 0.17 x 0.31
 LUNG_AXES = (0.17, 0.31)

@@ -1,7 +1,9 @@
 """What every backbone shares: the interface's fields (`Backbone`), the
 classifier head and its class maps, input normalisation, the layers'
 BatchNorm settings (`Layer`), the Inception families' blocks
-(`InceptionBlock`), grid geometry for CAM, and dtype helpers.
+(`InceptionBlock`, and the branches of those V3, V4 and Inception-ResNet-V2
+share: `inception_a` ... `inception_c`), grid geometry for CAM, and dtype
+helpers.
 
 The model interface (every family in `cxr_jax.models` follows it):
 
@@ -25,6 +27,7 @@ The model interface (every family in `cxr_jax.models` follows it):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import flax.linen as nn
@@ -208,16 +211,100 @@ def slim_stem(names: Sequence[str]) -> tuple[StemRow, ...]:
                                                     strict=True))
 
 
-def reduction_a(k: int, l: int, m: int, n: int) -> tuple[list, ...]:
-  """The branches of Reduction-A (35 -> 17), which Inception V4 and
-  Inception-ResNet-V2 share with their own filter counts (Szegedy et al.
-  2016, Figure 7 and Table 1), in timm's and TF-slim's names."""
-  return (
-      [Unit(n, (3, 3), "branch0", (2, 2), "VALID")],
-      [Unit(k, (1, 1), "branch1_0"), Unit(l, (3, 3), "branch1_1"),
-       Unit(m, (3, 3), "branch1_2", (2, 2), "VALID")],
-      [max_pool_3x3],
-  )
+# A kernel: a 1x3 and a 3x1 convolution side by side, which the 8x8 blocks
+# use to widen their filter banks.
+SPLIT = "1x3|3x1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+  """How a family names the units of a block's branches: each branch's label
+  and the number of a branch's first unit. A branch of one unit is named by
+  its label alone, a longer one's units `<label>_<first + i>`; a `SPLIT`
+  adds `a` (1x3) and `b` (3x1). The default is TF-slim's and timm's
+  (`branch1_0`); torchvision's labels say what a branch computes and count
+  from 1 (`branch5x5_1`)."""
+
+  labels: tuple[str, ...] = ("branch0", "branch1", "branch2", "branch_pool")
+  first: int = 0
+
+  def branch(self, i: int, widths: Sequence[int], kernels: Sequence[Any],
+             last_stride: int | None = None) -> list[Any]:
+    """Branch `i`: a unit per width and kernel. With `last_stride` the last
+    unit is a reduction's: 'VALID', with that stride."""
+    label, steps = self.labels[i], []
+    for j, (features, kernel) in enumerate(zip(widths, kernels, strict=True)):
+      name = label if len(widths) == 1 else f"{label}_{self.first + j}"
+      if kernel == SPLIT:
+        steps.append(([Unit(features, (1, 3), name + "a")],
+                      [Unit(features, (3, 1), name + "b")]))
+      elif last_stride is not None and j == len(widths) - 1:
+        steps.append(Unit(features, kernel, name, (last_stride,) * 2,
+                          "VALID"))
+      else:
+        steps.append(Unit(features, kernel, name))
+    return steps
+
+
+TIMM = Naming()
+
+
+# The blocks Inception V3 and V4 and Inception-ResNet-V2 share, each family
+# with its own filter counts (a width per convolution, branch by branch)
+# and names. Figures are those of Szegedy et al. 2016, "Inception-v4,
+# Inception-ResNet and the Impact of Residual Connections on Learning".
+def inception_a(avg_pool, b0: int, b1: Sequence[int], b2: Sequence[int],
+                pool: int, kernel: tuple[int, int] = (3, 3),
+                names: Naming = TIMM) -> tuple[list, ...]:
+  """35x35 block: 1x1 | 1x1, `kernel` | 1x1, 3x3, 3x3 | `avg_pool`, 1x1.
+  Inception V4's (Figure 4) `kernel` is 3x3; V3's Mixed_5b-d and
+  Inception-ResNet-V2's mixed_5b have a 5x5 there."""
+  return (names.branch(0, [b0], [(1, 1)]),
+          names.branch(1, b1, [(1, 1), kernel]),
+          names.branch(2, b2, [(1, 1), (3, 3), (3, 3)]),
+          [avg_pool, *names.branch(3, [pool], [(1, 1)])])
+
+
+def reduction_a(k: int, l: int, m: int, n: int,
+                names: Naming = TIMM) -> tuple[list, ...]:
+  """Reduction-A (35 -> 17; Figure 7 and Table 1's k, l, m, n): 3x3/2 |
+  1x1, 3x3, 3x3/2 | max pool. Inception V3's Mixed_6a is k=64, l=m=96,
+  n=384."""
+  return (names.branch(0, [n], [(3, 3)], last_stride=2),
+          names.branch(1, [k, l, m], [(1, 1), (3, 3), (3, 3)], last_stride=2),
+          [max_pool_3x3])
+
+
+def inception_b(avg_pool, b0: int, b1: Sequence[int], b2: Sequence[int],
+                pool: int, names: Naming = TIMM) -> tuple[list, ...]:
+  """17x17 block, its 7x7s factorised (Figure 5; V3's Mixed_6b-e): 1x1 |
+  1x1, 1x7, 7x1 | 1x1, 7x1, 1x7, 7x1, 1x7 | `avg_pool`, 1x1."""
+  return (names.branch(0, [b0], [(1, 1)]),
+          names.branch(1, b1, [(1, 1), (1, 7), (7, 1)]),
+          names.branch(2, b2, [(1, 1), (7, 1), (1, 7), (7, 1), (1, 7)]),
+          [avg_pool, *names.branch(3, [pool], [(1, 1)])])
+
+
+def reduction_b(b0: Sequence[int], b1: Sequence[int], names: Naming = TIMM,
+                stride: int = 2) -> tuple[list, ...]:
+  """Reduction-B (17 -> 8; Figure 8, V3's Mixed_7a): 1x1, 3x3/s | 1x1, 1x7,
+  7x1, 3x3/s | 3x3/s max pool, the 3x3s 'VALID'."""
+  return (names.branch(0, b0, [(1, 1), (3, 3)], last_stride=stride),
+          names.branch(1, b1, [(1, 1), (1, 7), (7, 1), (3, 3)],
+                       last_stride=stride),
+          [functools.partial(max_pool_3x3, stride=stride)])
+
+
+def inception_c(avg_pool, b0: int, b1: Sequence[int], b2: Sequence[int],
+                pool: int, middle: Sequence[tuple[int, int]] = ((3, 3),),
+                names: Naming = TIMM) -> tuple[list, ...]:
+  """8x8 block with expanded filter banks: 1x1 | 1x1, SPLIT | 1x1,
+  `middle`, SPLIT | `avg_pool`, 1x1. V3's Mixed_7b/c have one 3x3 in
+  the middle, Inception V4's (Figure 6) a 3x1 and a 1x3."""
+  return (names.branch(0, [b0], [(1, 1)]),
+          names.branch(1, b1, [(1, 1), SPLIT]),
+          names.branch(2, b2, [(1, 1), *middle, SPLIT]),
+          [avg_pool, *names.branch(3, [pool], [(1, 1)])])
 
 
 class InceptionBlock(Layer):
@@ -242,6 +329,19 @@ class InceptionBlock(Layer):
     """The family's conv-BN-ReLU (a model's stem builds them with this)."""
     return ConvBN(features, kernel, strides, padding, bn_epsilon=cls.bn_epsilon,
                   bn_scale=cls.bn_scale, **kwargs)
+
+  @classmethod
+  def stem(cls, x, train: bool, rows: Sequence[StemRow],
+           pool_after: Sequence[str] = (), **options):
+    """A model's stem: the family's conv-BN-ReLU for each of `rows` (see
+    `slim_stem`) in order, a 3x3/2 max pool after those named in
+    `pool_after`. Call inside the model's compact `__call__`."""
+    for name, features, kernel, strides, padding in rows:
+      x = cls.conv_bn(features, kernel, strides, padding, name=name,
+                      **options)(x, train)
+      if name in pool_after:
+        x = max_pool_3x3(x)
+    return x
 
   def conv(self, unit: Unit, **options) -> ConvBN:
     """`unit` with this block's settings."""
@@ -329,6 +429,15 @@ class Backbone(nn.Module):
     return (logits, {**named, **out}) if return_features else logits
 
 
+class InceptionBackbone(Backbone):
+  """A model of the Inception families (V3, V4, Inception-ResNet-V2): each
+  begins with TF-slim's stem (`InceptionBlock.stem`), and the ImageNet
+  weights of all of them (Keras', torchvision's, timm's) take [-1, 1] as
+  is."""
+
+  input_norm: str = "inception"
+
+
 # --------------------------------------------------------------------------
 # Input normalisation: the model gets [-1, 1]; its weights may expect other.
 # --------------------------------------------------------------------------
@@ -391,6 +500,18 @@ def grid_geometry(size: int, layers: Sequence[tuple[int, int, Any]]
     stride *= step
     cells = out
   return cells, offset, stride
+
+
+def inception_grid(size: int, last_stride: int = 2
+                   ) -> tuple[int, float, float]:
+  """(cells, offset, stride) of the last map of Inception V3, V4 or
+  Inception-ResNet-V2 for `size`-px inputs. All three move and shrink their
+  grid alike, with 3x3 'VALID' layers of strides 2, 1, 2, 1, 2 on the way to
+  35x35 (TF-slim's stem; V4 ends it in Mixed_3a-5a), then the two
+  reductions; `last_stride` is the second's (V3's output_stride 16 sets 1).
+  Layers that keep the grid (stride 1 and 'SAME', or 1x1) are left out."""
+  strides = (2, 1, 2, 1, 2, 2, last_stride)
+  return grid_geometry(size, [(3, s, "VALID") for s in strides])
 
 
 def count_parameters(variables) -> int:

@@ -27,9 +27,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (Backbone, InceptionBlock, Unit,
-                                   grid_geometry, lookup, max_pool_3x3,
-                                   reduction_a, slim_stem)
+from cxr_jax.models.common import (InceptionBackbone, InceptionBlock, Unit,
+                                   inception_a, inception_grid, lookup,
+                                   max_pool_3x3, reduction_a, slim_stem)
 
 # Keras' BatchNormalization defaults, with which the ImageNet statistics were
 # made; Flax's `momentum` means what Keras' does (the old value's weight).
@@ -42,20 +42,17 @@ FEATURE_MAP = "conv_7b"  # the last convolutional map, 1536 channels
 # (block type, repeats, residual scale): Keras' `inception_resnet_block`.
 REPEATS: Sequence[tuple[str, int, float]] = (
     ("block35", 10, 0.17), ("block17", 20, 0.1), ("block8", 10, 0.2))
-# TF-slim's stem, as Inception V3's; a 3x3/2 max pool follows conv2d_2b and
-# conv2d_4a.
+# TF-slim's stem, as Inception V3's, and the convolutions a 3x3/2 max pool
+# follows.
 STEM = slim_stem(
     ("conv2d_1a", "conv2d_2a", "conv2d_2b", "conv2d_3b", "conv2d_4a"))
-# (kernel, stride, padding) of every layer that moves or shrinks the grid on
-# the way to conv_7b: the VALID stem and the two VALID reductions.
-GRID_LAYERS = ((3, 2, "VALID"), (3, 1, "VALID"), (3, 2, "VALID"),
-               (3, 1, "VALID"), (3, 2, "VALID"), (3, 2, "VALID"),
-               (3, 2, "VALID"))
+STEM_POOLS = ("conv2d_2b", "conv2d_4a")
 
 
 def feature_grid(size: int) -> tuple[int, float, float]:
-  """(cells, offset, stride) of the conv_7b grid for `size`-px inputs."""
-  return grid_geometry(size, GRID_LAYERS)
+  """(cells, offset, stride) of the conv_7b grid for `size`-px inputs: the
+  VALID stem and the two VALID reductions move it (see `inception_grid`)."""
+  return inception_grid(size)
 
 
 class _Block(InceptionBlock):
@@ -70,13 +67,8 @@ class Mixed5b(_Block):
   """Inception-A block after the stem: 192 -> 320 channels."""
 
   def branches(self):
-    return (
-        [Unit(96, (1, 1), "branch0")],
-        [Unit(48, (1, 1), "branch1_0"), Unit(64, (5, 5), "branch1_1")],
-        [Unit(64, (1, 1), "branch2_0"), Unit(96, (3, 3), "branch2_1"),
-         Unit(96, (3, 3), "branch2_2")],
-        [self.avg_pool_3x3, Unit(64, (1, 1), "branch_pool")],
-    )
+    return inception_a(self.avg_pool_3x3, 96, (48, 64), (64, 96, 96), 64,
+                       kernel=(5, 5))
 
 
 class Mixed6a(_Block):
@@ -142,7 +134,7 @@ class ResidualBlock(_Block):
     return nn.relu(x) if self.activation else x
 
 
-class InceptionResNetV2(Backbone):
+class InceptionResNetV2(InceptionBackbone):
   """Inception-ResNet-V2 with a `num_classes`-way linear head (logits).
 
   Attributes follow the zoo interface (models.common): `dtype` is the
@@ -158,17 +150,12 @@ class InceptionResNetV2(Backbone):
   """
 
   bn_momentum: float = BN_MOMENTUM
-  input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     x = self.model_input(x, MIN_INPUT_SIZE, "InceptionResNetV2")
     settings = self.layer_settings()
-    for name, features, kernel, strides, padding in STEM:
-      x = _Block.conv_bn(features, kernel, strides, padding, name=name,
-                         **settings)(x, train)
-      if name in ("conv2d_2b", "conv2d_4a"):
-        x = max_pool_3x3(x)
+    x = _Block.stem(x, train, STEM, pool_after=STEM_POOLS, **settings)
     x = Mixed5b(name="mixed_5b", **settings)(x, train)
     reductions = {"block35": Mixed6a(name="mixed_6a", **settings),
                   "block17": Mixed7a(name="mixed_7a", **settings)}

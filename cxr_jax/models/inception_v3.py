@@ -19,15 +19,15 @@ are the names researchers already know; `cxr_jax.weights` maps Keras' anonymous
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import (Backbone, ConvBN, InceptionBlock, Unit,
-                                   grid_geometry, max_pool_3x3, slim_stem)
+from cxr_jax.models.common import (ConvBN, InceptionBackbone, InceptionBlock,
+                                   Naming, Unit, inception_a, inception_b,
+                                   inception_c, inception_grid, reduction_a,
+                                   reduction_b, slim_stem)
 
 # Keras' BatchNormalization defaults: the ImageNet statistics were produced with
 # these, and Flax's `momentum` has the same meaning as Keras' (the weight of the
@@ -94,16 +94,28 @@ class _Block(InceptionBlock):
   depth_multiplier: float = 1.0
   conv_init: str = "lecun_normal"
 
+  @classmethod
+  def conv_bn(cls, features: int, kernel: tuple[int, int],
+              strides: tuple[int, int] = (1, 1), padding: str = "SAME",
+              depth_multiplier: float = 1.0, **kwargs) -> ConvBN:
+    """Thinned by `depth_multiplier` (see scaled_depth)."""
+    return super().conv_bn(scaled_depth(features, depth_multiplier), kernel,
+                           strides, padding, **kwargs)
+
   def conv(self, unit: Unit, **options) -> ConvBN:
-    thinned = dataclasses.replace(
-        unit, features=scaled_depth(unit.features, self.depth_multiplier))
-    return super().conv(thinned, kernel_init=_kernel_init(self.conv_init),
-                        **options)
+    return super().conv(unit, kernel_init=_kernel_init(self.conv_init),
+                        depth_multiplier=self.depth_multiplier, **options)
 
   def avg_pool_3x3(self, x):
     """Counts the padding when `pool_include_padding` (torchvision's)."""
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME",
                        count_include_pad=self.pool_include_padding)
+
+
+# torchvision's names: a branch is called by what it computes, and its units
+# count from 1 (`branch5x5_1`); the blocks' shapes are models.common's.
+def _torchvision(*labels: str) -> Naming:
+  return Naming(labels, first=1)
 
 
 class InceptionA(_Block):
@@ -112,25 +124,18 @@ class InceptionA(_Block):
   pool_features: int = 32
 
   def branches(self):
-    return (
-        [Unit(64, (1, 1), "branch1x1")],
-        [Unit(48, (1, 1), "branch5x5_1"), Unit(64, (5, 5), "branch5x5_2")],
-        [Unit(64, (1, 1), "branch3x3dbl_1"), Unit(96, (3, 3), "branch3x3dbl_2"),
-         Unit(96, (3, 3), "branch3x3dbl_3")],
-        [self.avg_pool_3x3, Unit(self.pool_features, (1, 1), "branch_pool")],
-    )
+    return inception_a(
+        self.avg_pool_3x3, 64, (48, 64), (64, 96, 96), self.pool_features,
+        kernel=(5, 5), names=_torchvision("branch1x1", "branch5x5",
+                                          "branch3x3dbl", "branch_pool"))
 
 
 class InceptionB(_Block):
   """35 -> 17 reduction (Keras mixed3, torchvision Mixed_6a)."""
 
   def branches(self):
-    return (
-        [Unit(384, (3, 3), "branch3x3", (2, 2), "VALID")],
-        [Unit(64, (1, 1), "branch3x3dbl_1"), Unit(96, (3, 3), "branch3x3dbl_2"),
-         Unit(96, (3, 3), "branch3x3dbl_3", (2, 2), "VALID")],
-        [max_pool_3x3],
-    )
+    return reduction_a(k=64, l=96, m=96, n=384,
+                       names=_torchvision("branch3x3", "branch3x3dbl"))
 
 
 class InceptionC(_Block):
@@ -140,15 +145,10 @@ class InceptionC(_Block):
 
   def branches(self):
     c7 = self.channels_7x7
-    return (
-        [Unit(192, (1, 1), "branch1x1")],
-        [Unit(c7, (1, 1), "branch7x7_1"), Unit(c7, (1, 7), "branch7x7_2"),
-         Unit(192, (7, 1), "branch7x7_3")],
-        [Unit(c7, (1, 1), "branch7x7dbl_1"), Unit(c7, (7, 1), "branch7x7dbl_2"),
-         Unit(c7, (1, 7), "branch7x7dbl_3"), Unit(c7, (7, 1), "branch7x7dbl_4"),
-         Unit(192, (1, 7), "branch7x7dbl_5")],
-        [self.avg_pool_3x3, Unit(192, (1, 1), "branch_pool")],
-    )
+    return inception_b(
+        self.avg_pool_3x3, 192, (c7, c7, 192), (c7, c7, c7, c7, 192), 192,
+        names=_torchvision("branch1x1", "branch7x7", "branch7x7dbl",
+                           "branch_pool"))
 
 
 class InceptionD(_Block):
@@ -158,32 +158,19 @@ class InceptionD(_Block):
   stride: int = 2
 
   def branches(self):
-    s = (self.stride, self.stride)
-    return (
-        [Unit(192, (1, 1), "branch3x3_1"),
-         Unit(320, (3, 3), "branch3x3_2", s, "VALID")],
-        [Unit(192, (1, 1), "branch7x7x3_1"), Unit(192, (1, 7), "branch7x7x3_2"),
-         Unit(192, (7, 1), "branch7x7x3_3"),
-         Unit(192, (3, 3), "branch7x7x3_4", s, "VALID")],
-        [functools.partial(max_pool_3x3, stride=self.stride)],
-    )
+    return reduction_b((192, 320), (192, 192, 192, 192),
+                       names=_torchvision("branch3x3", "branch7x7x3"),
+                       stride=self.stride)
 
 
 class InceptionE(_Block):
   """8x8 block with expanded filter banks (mixed9-10, Mixed_7b-c)."""
 
   def branches(self):
-    return (
-        [Unit(320, (1, 1), "branch1x1")],
-        [Unit(384, (1, 1), "branch3x3_1"),
-         ([Unit(384, (1, 3), "branch3x3_2a")],
-          [Unit(384, (3, 1), "branch3x3_2b")])],
-        [Unit(448, (1, 1), "branch3x3dbl_1"),
-         Unit(384, (3, 3), "branch3x3dbl_2"),
-         ([Unit(384, (1, 3), "branch3x3dbl_3a")],
-          [Unit(384, (3, 1), "branch3x3dbl_3b")])],
-        [self.avg_pool_3x3, Unit(192, (1, 1), "branch_pool")],
-    )
+    return inception_c(
+        self.avg_pool_3x3, 320, (384, 384), (448, 384, 384), 192,
+        names=_torchvision("branch1x1", "branch3x3", "branch3x3dbl",
+                           "branch_pool"))
 
 
 class InceptionAux(_Block):
@@ -222,14 +209,11 @@ BLOCKS: Sequence[tuple[str, type[_Block], dict[str, Any]]] = (
     ("Mixed_7b", InceptionE, {}),
     ("Mixed_7c", InceptionE, {}),
 )
-# The stem; a 3x3/2 max pool follows Conv2d_2b and Conv2d_4a.
+# The stem, and the convolutions a 3x3/2 max pool follows.
 STEM = slim_stem(("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3",
                   "Conv2d_3b_1x1", "Conv2d_4a_3x3"))
+STEM_POOLS = ("Conv2d_2b_3x3", "Conv2d_4a_3x3")
 MIN_INPUT_SIZE = 75
-# (kernel, stride) of every layer on the way to Mixed_7c that moves or shrinks
-# the grid: the VALID stem convolutions and pools and the two VALID
-# reductions. SAME stride-1 layers keep cell centres where they are.
-GRID_LAYERS = ((3, 2), (3, 1), (3, 2), (3, 1), (3, 2), (3, 2), (3, 2))
 
 
 def _mixed_7a_stride(output_stride: int) -> int:
@@ -248,14 +232,13 @@ def feature_grid(size: int, output_stride: int = 32
   resizing puts it at 18.7 + 37.4 i, up to 19 px off. CAMs are placed with
   this geometry.
   """
-  layers = GRID_LAYERS[:-1] + ((3, _mixed_7a_stride(output_stride)),)
-  return grid_geometry(size, [(k, s, "VALID") for k, s in layers])
+  return inception_grid(size, _mixed_7a_stride(output_stride))
 
 
 FEATURE_MAP = "Mixed_7c"  # the last convolutional map, 2048 channels, for CAM
 
 
-class InceptionV3(Backbone):
+class InceptionV3(InceptionBackbone):
   """InceptionV3 with a `num_classes`-way linear head (logits).
 
   Attributes:
@@ -296,9 +279,6 @@ class InceptionV3(Backbone):
   # How convolutions start when trained from scratch ('lecun_normal', Flax's
   # default, or 'delta'; see delta_init). Loaded weights replace either.
   conv_init: str = "lecun_normal"
-  # What the weights expect of the [-1, 1] input (models.common.INPUT_NORMS):
-  # Keras' and torchvision's pretrained InceptionV3 both take [-1, 1].
-  input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -311,11 +291,8 @@ class InceptionV3(Backbone):
     blocks = self.layer_settings(
         conv_init=self.conv_init, depth_multiplier=self.depth_multiplier,
         pool_include_padding=self.pool_include_padding)
-    for i, (name, features, kernel, strides, padding) in enumerate(STEM):
-      x = _Block.conv_bn(scaled_depth(features, self.depth_multiplier), kernel,
-                         strides, padding, name=name, **units)(x, train)
-      if i in (2, 4):  # after Conv2d_2b and Conv2d_4a
-        x = max_pool_3x3(x)
+    x = _Block.stem(x, train, STEM, pool_after=STEM_POOLS,
+                    depth_multiplier=self.depth_multiplier, **units)
     features = {}
     for name, block, attrs in BLOCKS:
       if name == "Mixed_7a":

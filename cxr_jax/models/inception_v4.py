@@ -24,9 +24,10 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from cxr_jax.models.common import (Backbone, InceptionBlock, Unit,
-                                   grid_geometry, max_pool_3x3, reduction_a,
-                                   slim_stem)
+from cxr_jax.models.common import (InceptionBackbone, InceptionBlock, Unit,
+                                   inception_a, inception_b, inception_c,
+                                   inception_grid, max_pool_3x3, reduction_a,
+                                   reduction_b, slim_stem)
 
 BN_EPSILON = 1e-3
 # PyTorch's momentum=0.1 (the new value's weight) is Flax's 0.9.
@@ -76,13 +77,7 @@ class InceptionA(_Block):
   """35x35 block, 384 channels (Mixed_5b-e)."""
 
   def branches(self):
-    return (
-        [Unit(96, (1, 1), "branch0")],
-        [Unit(64, (1, 1), "branch1_0"), Unit(96, (3, 3), "branch1_1")],
-        [Unit(64, (1, 1), "branch2_0"), Unit(96, (3, 3), "branch2_1"),
-         Unit(96, (3, 3), "branch2_2")],
-        [self.avg_pool_3x3, Unit(96, (1, 1), "branch_pool")],
-    )
+    return inception_a(self.avg_pool_3x3, 96, (64, 96), (64, 96, 96), 96)
 
 
 class ReductionA(_Block):
@@ -96,46 +91,23 @@ class InceptionB(_Block):
   """17x17 block, 1024 channels (Mixed_6b-h)."""
 
   def branches(self):
-    return (
-        [Unit(384, (1, 1), "branch0")],
-        [Unit(192, (1, 1), "branch1_0"), Unit(224, (1, 7), "branch1_1"),
-         Unit(256, (7, 1), "branch1_2")],
-        [Unit(192, (1, 1), "branch2_0"), Unit(192, (7, 1), "branch2_1"),
-         Unit(224, (1, 7), "branch2_2"), Unit(224, (7, 1), "branch2_3"),
-         Unit(256, (1, 7), "branch2_4")],
-        [self.avg_pool_3x3, Unit(128, (1, 1), "branch_pool")],
-    )
+    return inception_b(self.avg_pool_3x3, 384, (192, 224, 256),
+                       (192, 192, 224, 224, 256), 128)
 
 
 class ReductionB(_Block):
   """17 -> 8, 1024 -> 1536 channels (Mixed_7a)."""
 
   def branches(self):
-    return (
-        [Unit(192, (1, 1), "branch0_0"),
-         Unit(192, (3, 3), "branch0_1", (2, 2), "VALID")],
-        [Unit(256, (1, 1), "branch1_0"), Unit(256, (1, 7), "branch1_1"),
-         Unit(320, (7, 1), "branch1_2"),
-         Unit(320, (3, 3), "branch1_3", (2, 2), "VALID")],
-        [max_pool_3x3],
-    )
+    return reduction_b((192, 192), (256, 256, 320, 320))
 
 
 class InceptionC(_Block):
   """8x8 block, 1536 channels (Mixed_7b-d)."""
 
   def branches(self):
-    return (
-        [Unit(256, (1, 1), "branch0")],
-        [Unit(384, (1, 1), "branch1_0"),
-         ([Unit(256, (1, 3), "branch1_1a")],
-          [Unit(256, (3, 1), "branch1_1b")])],
-        [Unit(384, (1, 1), "branch2_0"), Unit(448, (3, 1), "branch2_1"),
-         Unit(512, (1, 3), "branch2_2"),
-         ([Unit(256, (1, 3), "branch2_3a")],
-          [Unit(256, (3, 1), "branch2_3b")])],
-        [self.avg_pool_3x3, Unit(256, (1, 1), "branch_pool")],
-    )
+    return inception_c(self.avg_pool_3x3, 256, (384, 256),
+                       (384, 448, 512, 256), 256, middle=((3, 1), (1, 3)))
 
 
 # timm's features.0-2: the first three convolutions of Inception V3's stem.
@@ -149,20 +121,16 @@ BLOCKS: Sequence[tuple[str, type[_Block]]] = (
     ("Mixed_7a", ReductionB),
     *((f"Mixed_7{c}", InceptionC) for c in "bcd"),
 )
-# (kernel, stride, padding) of every layer that moves or shrinks the grid:
-# the two VALID stem convs, Mixed_3a's stride 2, Mixed_4a's VALID 3x3 and the
-# stride-2 Mixed_5a, Mixed_6a and Mixed_7a.
-GRID_LAYERS = ((3, 2, "VALID"), (3, 1, "VALID"), (3, 2, "VALID"),
-               (3, 1, "VALID"), (3, 2, "VALID"), (3, 2, "VALID"),
-               (3, 2, "VALID"))
 
 
 def feature_grid(size: int) -> tuple[int, float, float]:
-  """(cells, offset, stride) of the final 1536-channel grid."""
-  return grid_geometry(size, GRID_LAYERS)
+  """(cells, offset, stride) of the final 1536-channel grid: the two VALID
+  stem convs, Mixed_3a's stride 2, Mixed_4a's VALID 3x3 and the stride-2
+  Mixed_5a, Mixed_6a and Mixed_7a move it (see `inception_grid`)."""
+  return inception_grid(size)
 
 
-class InceptionV4(Backbone):
+class InceptionV4(InceptionBackbone):
   """Inception V4 with a `num_classes`-way linear head (logits).
 
   Attributes follow the zoo interface (models.common). timm's and
@@ -177,15 +145,12 @@ class InceptionV4(Backbone):
   """
 
   bn_momentum: float = BN_MOMENTUM
-  input_norm: str = "inception"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     x = self.model_input(x, MIN_INPUT_SIZE, "InceptionV4")
     settings = self.layer_settings()
-    for name, features, kernel, strides, padding in STEM:
-      x = _Block.conv_bn(features, kernel, strides, padding, name=name,
-                         **settings)(x, train)
+    x = _Block.stem(x, train, STEM, **settings)
     for name, block in BLOCKS:
       x = block(name=name, **settings)(x, train)
     return self.outputs(x, {FEATURE_MAP: x}, train, return_features)

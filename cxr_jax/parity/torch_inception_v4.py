@@ -5,6 +5,12 @@ therefore the state-dict keys (`features.N.<branch>.conv.weight`,
 `features.N.<branch>.bn.{weight,bias,running_mean,running_var}`,
 `last_linear.{weight,bias}`).
 
+Each block's `__init__` follows upstream's line for line, with two
+shorthands: an `nn.Sequential` of BasicConv2d is `convs(...)`, each conv
+written as its arguments, and the average-pool branch of Inception_A/B/C is
+`pool_branch`. Every block but Inception_C has upstream's forward, its
+branches concatenated in the order `__init__` makes them (`Branches`).
+
 Where they differ, `head` chooses:
 
 * 'timm': global average pooling (`SelectAdaptivePool2d('avg')`), dropout
@@ -55,115 +61,87 @@ def _modules():
     def forward(self, x):
       return self.relu(self.bn(self.conv(x)))
 
-  class Mixed_3a(nn.Module):
+  def convs(*rows):
+    """Upstream's nn.Sequential of BasicConv2d, each conv written as its
+    arguments (in_planes, out_planes, kernel_size, stride[, padding])."""
+    return nn.Sequential(*(BasicConv2d(*row) for row in rows))
+
+  def pool_branch(in_planes, out_planes):
+    """Upstream's branch3 of Inception_A/B/C: a 3x3 average that leaves the
+    padding out, then a 1x1 conv."""
+    return nn.Sequential(
+        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+        BasicConv2d(in_planes, out_planes, kernel_size=1, stride=1))
+
+  class Branches(nn.Module):
+    """Upstream's forward of every block but Inception_C: the branches'
+    outputs concatenated on channels, in the order __init__ makes them."""
+
+    def forward(self, x):
+      return torch.cat([branch(x) for branch in self.children()], 1)
+
+  class Mixed_3a(Branches):
 
     def __init__(self):
       super().__init__()
       self.maxpool = nn.MaxPool2d(3, stride=2)
       self.conv = BasicConv2d(64, 96, kernel_size=3, stride=2)
 
-    def forward(self, x):
-      return torch.cat((self.maxpool(x), self.conv(x)), 1)
-
-  class Mixed_4a(nn.Module):
+  class Mixed_4a(Branches):
 
     def __init__(self):
       super().__init__()
-      self.branch0 = nn.Sequential(
-          BasicConv2d(160, 64, kernel_size=1, stride=1),
-          BasicConv2d(64, 96, kernel_size=3, stride=1))
-      self.branch1 = nn.Sequential(
-          BasicConv2d(160, 64, kernel_size=1, stride=1),
-          BasicConv2d(64, 64, kernel_size=(1, 7), stride=1, padding=(0, 3)),
-          BasicConv2d(64, 64, kernel_size=(7, 1), stride=1, padding=(3, 0)),
-          BasicConv2d(64, 96, kernel_size=(3, 3), stride=1))
+      self.branch0 = convs((160, 64, 1, 1), (64, 96, 3, 1))
+      self.branch1 = convs((160, 64, 1, 1), (64, 64, (1, 7), 1, (0, 3)),
+                           (64, 64, (7, 1), 1, (3, 0)), (64, 96, (3, 3), 1))
 
-    def forward(self, x):
-      return torch.cat((self.branch0(x), self.branch1(x)), 1)
-
-  class Mixed_5a(nn.Module):
+  class Mixed_5a(Branches):
 
     def __init__(self):
       super().__init__()
       self.conv = BasicConv2d(192, 192, kernel_size=3, stride=2)
       self.maxpool = nn.MaxPool2d(3, stride=2)
 
-    def forward(self, x):
-      return torch.cat((self.conv(x), self.maxpool(x)), 1)
-
-  class Inception_A(nn.Module):
+  class Inception_A(Branches):
 
     def __init__(self):
       super().__init__()
       self.branch0 = BasicConv2d(384, 96, kernel_size=1, stride=1)
-      self.branch1 = nn.Sequential(
-          BasicConv2d(384, 64, kernel_size=1, stride=1),
-          BasicConv2d(64, 96, kernel_size=3, stride=1, padding=1))
-      self.branch2 = nn.Sequential(
-          BasicConv2d(384, 64, kernel_size=1, stride=1),
-          BasicConv2d(64, 96, kernel_size=3, stride=1, padding=1),
-          BasicConv2d(96, 96, kernel_size=3, stride=1, padding=1))
-      self.branch3 = nn.Sequential(
-          nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-          BasicConv2d(384, 96, kernel_size=1, stride=1))
+      self.branch1 = convs((384, 64, 1, 1), (64, 96, 3, 1, 1))
+      self.branch2 = convs((384, 64, 1, 1), (64, 96, 3, 1, 1),
+                           (96, 96, 3, 1, 1))
+      self.branch3 = pool_branch(384, 96)
 
-    def forward(self, x):
-      return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x),
-                        self.branch3(x)), 1)
-
-  class Reduction_A(nn.Module):
+  class Reduction_A(Branches):
 
     def __init__(self):
       super().__init__()
       self.branch0 = BasicConv2d(384, 384, kernel_size=3, stride=2)
-      self.branch1 = nn.Sequential(
-          BasicConv2d(384, 192, kernel_size=1, stride=1),
-          BasicConv2d(192, 224, kernel_size=3, stride=1, padding=1),
-          BasicConv2d(224, 256, kernel_size=3, stride=2))
+      self.branch1 = convs((384, 192, 1, 1), (192, 224, 3, 1, 1),
+                           (224, 256, 3, 2))
       self.branch2 = nn.MaxPool2d(3, stride=2)
 
-    def forward(self, x):
-      return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1)
-
-  class Inception_B(nn.Module):
+  class Inception_B(Branches):
 
     def __init__(self):
       super().__init__()
       self.branch0 = BasicConv2d(1024, 384, kernel_size=1, stride=1)
-      self.branch1 = nn.Sequential(
-          BasicConv2d(1024, 192, kernel_size=1, stride=1),
-          BasicConv2d(192, 224, kernel_size=(1, 7), stride=1, padding=(0, 3)),
-          BasicConv2d(224, 256, kernel_size=(7, 1), stride=1, padding=(3, 0)))
-      self.branch2 = nn.Sequential(
-          BasicConv2d(1024, 192, kernel_size=1, stride=1),
-          BasicConv2d(192, 192, kernel_size=(7, 1), stride=1, padding=(3, 0)),
-          BasicConv2d(192, 224, kernel_size=(1, 7), stride=1, padding=(0, 3)),
-          BasicConv2d(224, 224, kernel_size=(7, 1), stride=1, padding=(3, 0)),
-          BasicConv2d(224, 256, kernel_size=(1, 7), stride=1, padding=(0, 3)))
-      self.branch3 = nn.Sequential(
-          nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-          BasicConv2d(1024, 128, kernel_size=1, stride=1))
+      self.branch1 = convs((1024, 192, 1, 1), (192, 224, (1, 7), 1, (0, 3)),
+                           (224, 256, (7, 1), 1, (3, 0)))
+      self.branch2 = convs((1024, 192, 1, 1), (192, 192, (7, 1), 1, (3, 0)),
+                           (192, 224, (1, 7), 1, (0, 3)),
+                           (224, 224, (7, 1), 1, (3, 0)),
+                           (224, 256, (1, 7), 1, (0, 3)))
+      self.branch3 = pool_branch(1024, 128)
 
-    def forward(self, x):
-      return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x),
-                        self.branch3(x)), 1)
-
-  class Reduction_B(nn.Module):
+  class Reduction_B(Branches):
 
     def __init__(self):
       super().__init__()
-      self.branch0 = nn.Sequential(
-          BasicConv2d(1024, 192, kernel_size=1, stride=1),
-          BasicConv2d(192, 192, kernel_size=3, stride=2))
-      self.branch1 = nn.Sequential(
-          BasicConv2d(1024, 256, kernel_size=1, stride=1),
-          BasicConv2d(256, 256, kernel_size=(1, 7), stride=1, padding=(0, 3)),
-          BasicConv2d(256, 320, kernel_size=(7, 1), stride=1, padding=(3, 0)),
-          BasicConv2d(320, 320, kernel_size=3, stride=2))
+      self.branch0 = convs((1024, 192, 1, 1), (192, 192, 3, 2))
+      self.branch1 = convs((1024, 256, 1, 1), (256, 256, (1, 7), 1, (0, 3)),
+                           (256, 320, (7, 1), 1, (3, 0)), (320, 320, 3, 2))
       self.branch2 = nn.MaxPool2d(3, stride=2)
-
-    def forward(self, x):
-      return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1)
 
   class Inception_C(nn.Module):
 
@@ -184,9 +162,7 @@ def _modules():
                                     padding=(0, 1))
       self.branch2_3b = BasicConv2d(512, 256, kernel_size=(3, 1), stride=1,
                                     padding=(1, 0))
-      self.branch3 = nn.Sequential(
-          nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-          BasicConv2d(1536, 256, kernel_size=1, stride=1))
+      self.branch3 = pool_branch(1536, 256)
 
     def forward(self, x):
       x0 = self.branch0(x)

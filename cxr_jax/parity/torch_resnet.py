@@ -135,16 +135,12 @@ def torch_modules() -> tuple[type, type]:
       return nn.Sequential(*layers)
 
     def forward_features(self, x):
-      """_forward_impl up to layer4: the map our head reads."""
-      x = self.conv1(x)
-      x = self.bn1(x)
-      x = self.relu(x)
-      x = self.maxpool(x)
-
-      x = self.layer1(x)
-      x = self.layer2(x)
-      x = self.layer3(x)
-      return self.layer4(x)
+      """_forward_impl's steps up to layer4, in its order: the map our head
+      reads."""
+      for step in (self.conv1, self.bn1, self.relu, self.maxpool,
+                   self.layer1, self.layer2, self.layer3, self.layer4):
+        x = step(x)
+      return x
 
     def forward(self, x):
       """(logits, layer4): _forward_impl, keeping the map it pools."""
