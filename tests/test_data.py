@@ -2,11 +2,15 @@
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT
 from cxr_jax import cli
 from cxr_jax import labels as L
 from cxr_jax.data import metadata as M
@@ -114,6 +118,23 @@ def synth(tmp_path_factory):
   summary = synthetic.synthesize(str(out), num_images=300, image_size=96,
                                  seed=1, rgba_fraction=0.05, workers=2)
   return out, summary
+
+
+def test_one_worker_synthesizes_in_process_from_an_unguarded_script(
+    synth, tmp_path):
+  """`workers=1` makes no pool, so a script with no __main__ guard (here:
+  stdin) works, and writes the bytes the pool writes."""
+  code = (f"from cxr_jax.data import synthetic\n"
+          f"synthetic.synthesize({str(tmp_path)!r}, num_images=300, "
+          f"image_size=96, seed=1, rgba_fraction=0.05, workers=1)\n")
+  out = subprocess.run([sys.executable, "-"], input=code, text=True,
+                       capture_output=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  pooled, _ = synth
+  for name in ("Data_Entry_2017.csv", "BBox_List_2017.csv",
+               "images/00000001_000.png"):
+    assert (tmp_path / name).read_bytes() == (pooled / name).read_bytes()
 
 
 def test_synthetic_layout_and_quirks(synth):

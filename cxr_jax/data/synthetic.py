@@ -27,11 +27,13 @@ the images are `No Finding` and Hernia is the rarest.
 from __future__ import annotations
 
 import csv
+import functools
 import multiprocessing
 import os
 from typing import NamedTuple
 
 import numpy as np
+import tqdm
 from PIL import Image
 
 from cxr_jax import labels as L
@@ -225,12 +227,16 @@ def synthesize(out: str, num_images: int = 2000, image_size: int = 256,
   seeds = rng.integers(0, 2**31, num_images)
   jobs = [(os.path.join(images_dir, n), int(s), v, image_size, bool(a))
           for n, s, v, a in zip(names, seeds, vectors, rgba)]
-  with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count()) \
-      as pool:
-    from tqdm import tqdm
-    all_boxes = list(tqdm(pool.imap(_write_png, jobs, chunksize=16),
-                          total=len(jobs), desc="synth", unit="img",
-                          dynamic_ncols=True))
+  progress = functools.partial(tqdm.tqdm, total=len(jobs), desc="synth",
+                               unit="img", dynamic_ncols=True)
+  workers = workers or os.cpu_count() or 1
+  if workers == 1:
+    # In this process: a spawned pool re-runs the caller's main module,
+    # which a script without a __main__ guard (or stdin) cannot survive.
+    all_boxes = list(progress(map(_write_png, jobs)))
+  else:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      all_boxes = list(progress(pool.imap(_write_png, jobs, chunksize=16)))
 
   ages = rng.integers(1, 95, len(patients))
   sexes = rng.choice(["M", "F"], len(patients))
