@@ -63,22 +63,14 @@ def tiny_data(tmp_path_factory) -> str:
   return str(root / "prepared")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-  """Under pytest-xdist (`-n 2`; `--dist loadgroup` is in pyproject's
-  addopts): tests that share a module-scoped fixture (the trained demo run,
-  a Keras reference network) form one group, which runs on one worker, so
-  the fixture is built once. Every other test goes alone to whichever worker
-  is free, the slow ones first, so that the workers finish together rather
-  than one waiting on a long test drawn last."""
-  if not hasattr(config, "workerinput"):  # not an xdist worker
-    return
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-  for item in items:
-    fixtures = item._fixtureinfo.name2fixturedefs.values()
-    if (any(defs[-1].scope == "module" for defs in fixtures)
-        and not item.get_closest_marker("xdist_group")):
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  """Under pytest-xdist (`-n 2`; `--dist loadfile` is in pyproject's
+  addopts) each test file runs on one worker, so a module-scoped fixture
+  (the trained demo run, a Keras reference network) is built once. Files
+  are dealt in the order their first test appears: slow tests first, so the
+  long files start at once and the workers finish together."""
+  if hasattr(config, "workerinput"):  # an xdist worker
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 class SmallNet(nn.Module):
