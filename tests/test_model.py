@@ -28,6 +28,7 @@ def _apply(model, variables, x, **kwargs):
   return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_keras():
   keras = pytest.importorskip("keras")
   reference = keras.applications.InceptionV3(weights=None).count_params()
@@ -54,6 +55,7 @@ def test_deepcxray_head_is_14_diseases_then_normal():
 
 
 @pytest.mark.parametrize("size,grid", [(75, 1), (107, 2), (299, 8)])
+@pytest.mark.slow
 def test_features_are_reachable_by_name_at_any_size(size, grid):
   model = InceptionV3(num_classes=15)
   variables = _init(model, jnp.zeros((1, size, size, 3)))
@@ -70,6 +72,7 @@ def test_features_are_reachable_by_name_at_any_size(size, grid):
   assert model.feature_grid(size)[0] == grid
 
 
+@pytest.mark.slow
 def test_transition_head_pools_with_the_configured_lse_r():
   """Table 2's CEL(tran.): LSE pooling of the transition map with
   `lse_r`, then the head (a constant r would ignore config.model.lse_r)."""
@@ -189,6 +192,7 @@ def test_feature_grid_matches_mixed_7c(size, output_stride):
   assert 0 <= size - (offset + stride * (cells - 1)) - offset < stride
 
 
+@pytest.mark.slow
 def test_lse_head_pools_the_class_maps():
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                       head_pooling="lse", lse_r=10.0)
@@ -211,6 +215,7 @@ def test_lse_head_pools_the_class_maps():
     InceptionV3(num_classes=15, head_pooling="max").init(jax.random.key(0), x)
 
 
+@pytest.mark.slow
 def test_delta_init_starts_every_convolution_at_its_centre_tap():
   from cxr_jax.models.inception_v3 import delta_init
   kernel = np.asarray(delta_init()(jax.random.key(0), (7, 1, 64, 32)))
@@ -242,6 +247,7 @@ def _centre_cell_gradient_radius(model, size=299):
   return mass_radius(np.abs(np.asarray(grad[0])).sum(-1), offset + stride * c)
 
 
+@pytest.mark.slow
 def test_delta_init_narrows_the_effective_receptive_field():
   wide = _centre_cell_gradient_radius(
       InceptionV3(num_classes=15, depth_multiplier=0.125))

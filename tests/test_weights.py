@@ -26,6 +26,7 @@ def keras_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["legacy", "keras3"])
+@pytest.mark.slow
 def test_keras_parity_logits_and_mixed_7c(keras_files, layout, tmp_path):
   model, paths = keras_files
   out = str(tmp_path / "w.npz")
@@ -52,6 +53,7 @@ def test_keras_parity_logits_and_mixed_7c(keras_files, layout, tmp_path):
     assert parity.max_abs_error(f_logits, k_logits) <= MAX_ABS
 
 
+@pytest.mark.slow
 def test_parity_check_command_runs_for_inception_v3(capsys):
   assert cli.main(["parity-check", "--model", "inception_v3", "--sizes",
                    "91", "--batch", "1"]) == 0
@@ -189,6 +191,7 @@ def test_reference_state_dict_has_torchvisions_parameter_count(
 
 
 @pytest.mark.parametrize("transform_input", [True, False])
+@pytest.mark.slow
 def test_torchvision_parity(torchvision_file, transform_input, tmp_path):
   import torch
   import torchvision_reference as ref

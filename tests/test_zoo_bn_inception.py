@@ -343,6 +343,7 @@ def test_reference_is_pretrainedmodels_size(reference):
 
 
 @pytest.mark.parametrize("size", [224, 294])
+@pytest.mark.slow
 def test_pretrainedmodels_parity(reference, size):
   from cxr_jax.parity import torch_bn_inception as ref
   net, _, npz = reference
@@ -370,6 +371,7 @@ def test_parity_check_maps_299_to_294():
 
 
 @SLOW
+@pytest.mark.slow
 def test_pretrainedmodels_parity_more_sizes():
   pytest.importorskip("torch")
   from cxr_jax.parity import torch_bn_inception as ref

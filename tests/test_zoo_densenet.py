@@ -94,6 +94,7 @@ def torch121(tmp_path_factory):
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.slow
 def test_both_keras_layouts_convert_to_the_same_arrays(keras_references,
                                                        depth):
   _, _, _, converted = keras_references(depth)
@@ -109,6 +110,7 @@ def test_both_keras_layouts_convert_to_the_same_arrays(keras_references,
 
 
 @pytest.mark.parametrize("depth,size", PARITY_CASES)
+@pytest.mark.slow
 def test_keras_parity(keras_references, depth, size):
   """The legacy conversion against Keras; the Keras 3 one is the same arrays
   (test above). Also the 'avg' head's class maps and the CAM grid."""
@@ -137,6 +139,7 @@ def test_keras_parity(keras_references, depth, size):
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.slow
 def test_torchvision_parity(depth):
   pytest.importorskip("torch")
   from cxr_jax.parity import torch_densenet

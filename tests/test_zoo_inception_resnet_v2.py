@@ -66,6 +66,7 @@ def forward():
 
 
 @pytest.mark.parametrize("size", [224, 299])
+@pytest.mark.slow
 def test_keras_parity(reference, forward, size):
   from cxr_jax.parity import keras as pk
   from cxr_jax.parity.common import max_abs_error

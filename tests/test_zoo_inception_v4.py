@@ -48,6 +48,7 @@ def forward():
 
 
 @pytest.mark.parametrize("size", [224, 299])
+@pytest.mark.slow
 def test_torch_parity(references, forward, size):
   from cxr_jax.parity import torch_inception_v4 as ref
   x = np.random.default_rng(size).uniform(-1, 1, (2, size, size, 3)

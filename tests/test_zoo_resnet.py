@@ -285,10 +285,12 @@ def torch50(tmp_path_factory):
   return net, path
 
 
+@pytest.mark.slow
 def test_keras_resnet50_parity_both_layouts_at_224_and_299(keras50):
   check_keras_parity("resnet50", *keras50)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_parity_at_224_and_299():
   check_torchvision_parity("resnet50")
 
@@ -306,6 +308,7 @@ def test_deeper_models_parity_every_source_and_layout(name, tmp_path):
 
 
 @SLOW
+@pytest.mark.slow
 def test_parity_check_runs_the_applications_through_the_registries():
   """`parity.resnet.CHECKS` (the `parity-check` command): Keras' fixed-size
   application in both layouts, through `weights.convert` and

@@ -39,6 +39,7 @@ def _check(name: str, sizes=SIZES):
   assert max(errors.values()) <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_parity_vgg16():
   """The check `cxr-jax parity-check` runs: registry dispatch, both Keras
   layouts and the torchvision reference, at 224 and 299."""
