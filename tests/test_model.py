@@ -123,6 +123,7 @@ def test_rejects_inputs_below_75_pixels():
     model.init(jax.random.key(0), jnp.zeros((1, 74, 74, 3)))
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
   x = jax.random.uniform(jax.random.key(1), (2, 75, 75, 3), minval=-1, maxval=1)
   f32 = InceptionV3(num_classes=15)

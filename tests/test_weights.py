@@ -62,6 +62,7 @@ def test_parity_check_command_runs_for_inception_v3(capsys):
   assert cli.main(["parity-check", "--model", "no_such_net"]) == 2
 
 
+@pytest.mark.slow
 def test_keras2_names_convert_identically(keras_files, tmp_path):
   """The real ImageNet file was written by Keras 2: 1-based names
   (conv2d_1 ...) and ':0' weight names. Renaming must not change the result."""
@@ -118,6 +119,7 @@ def test_truncated_and_foreign_files_get_clear_errors(keras_files, tmp_path):
     weights.convert("inception_v3", "caffe", paths["legacy"], "o.npz")
 
 
+@pytest.mark.slow
 def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
                                                   caplog):
   import jax

@@ -195,6 +195,7 @@ def test_class_maps_average_to_the_logits(variant):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lse_head_and_bfloat16():
   size = 64
   model = build(num_classes=4)

@@ -401,6 +401,7 @@ def _random_variables(model, size: int, seed: int = 0):
   return out
 
 
+@pytest.mark.slow
 def test_lse_head_in_bfloat16():
   model = densenet.DenseNet(num_classes=3, depth=121, dtype=jnp.bfloat16,
                             head_pooling="lse")

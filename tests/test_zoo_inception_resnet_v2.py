@@ -130,6 +130,7 @@ def test_registry_row_and_conversion_meta(reference, tmp_path):
     np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.slow
 def test_lse_head_and_bfloat16_at_the_smallest_size(reference):
   variables = reference[3]["legacy"][0]
   model = irv2.InceptionResNetV2(dtype=jnp.bfloat16, head_pooling="lse")

@@ -157,6 +157,7 @@ def test_converters_name_missing_mismatched_and_wrong_files(references,
     convert.convert_timm(str(tmp_path / "resnet.pth"))
 
 
+@pytest.mark.slow
 def test_lse_head_and_bfloat16_at_the_smallest_size(references):
   variables = references["timm"][2]
   model = v4.InceptionV4(dtype=jnp.bfloat16, head_pooling="lse")

@@ -241,6 +241,7 @@ def test_feature_grid_by_hand():
     assert out["features"].shape[1:3] == (model.feature_grid(size)[0],) * 2
 
 
+@pytest.mark.slow
 def test_heads_and_bfloat16():
   """'avg' class maps average to the logits; 'lse' pools the class maps;
   bfloat16 computes with float32 parameters and logits."""
