@@ -101,8 +101,10 @@ def ours(name, z, y, **kw):
 
 @st.composite
 def batches(draw):
-  b = draw(st.integers(1, 9))
-  c = draw(st.integers(1, 15))
+  # A few shapes, edges included: each new shape makes JAX compile every op
+  # of the loss again, which would cost more than the checks themselves.
+  b = draw(st.sampled_from([1, 2, 9]))
+  c = draw(st.sampled_from([1, 3, 15]))
   z = draw(hnp.arrays(np.float32, (b, c), elements=st.floats(
       -12, 12, width=32)))
   kind = draw(st.sampled_from(["random", "all_negative", "all_positive"]))

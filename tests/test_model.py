@@ -140,17 +140,41 @@ def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
   assert rel < 0.05, rel  # bf16 has 8 mantissa bits
 
 
+@pytest.mark.slow
 def test_training_mode_updates_batch_stats_and_uses_dropout():
   model = InceptionV3(num_classes=15, dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 75, 75, 3))
   variables = _init(model, x)
-  out, updates = _apply(model, variables, x, train=True,
-                        mutable=["batch_stats"],
-                        rngs={"dropout": jax.random.key(2)})
+  train = jax.jit(lambda v, x, key: model.apply(
+      v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
+  logits, updates = train(variables, x, jax.random.key(2))
+  other, _ = train(variables, x, jax.random.key(3))
   before = variables["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
   after = updates["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
   assert not np.allclose(before, after)
   assert "scale" not in variables["params"]["Conv2d_1a_3x3"]["bn"]
+  assert not np.allclose(logits, other)  # dropout draws from the key
+
+
+def test_the_shared_head_drops_out_in_training_only():
+  """Every backbone's head (`common.classifier_head`), on the small network
+  that uses it: dropout follows the key in training and is off at
+  inference."""
+  from conftest import SmallNet
+  model = SmallNet(dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(1), (4, 33, 33, 3))
+  variables = _init(model, x)
+  train = jax.jit(lambda v, x, key: model.apply(
+      v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0])
+  assert not np.allclose(train(variables, x, jax.random.key(2)),
+                         train(variables, x, jax.random.key(3)))
+  np.testing.assert_array_equal(train(variables, x, jax.random.key(2)),
+                                train(variables, x, jax.random.key(2)))
+  np.testing.assert_array_equal(_apply(model, variables, x),
+                                _apply(SmallNet(), variables, x))
+  assert not np.allclose(train(variables, x, jax.random.key(2)), jax.jit(
+      lambda v, x: SmallNet().apply(v, x, train=True,
+                                    mutable=["batch_stats"])[0])(variables, x))
 
 
 def test_aux_branch_is_optional_and_needs_299():

@@ -339,6 +339,7 @@ def test_loop_on_a_small_model_resumes_with_its_best_and_analyses(
     localization.localize(workdir, threshold=300)
 
 
+@pytest.mark.slow
 def test_run_header_records_compiling_and_a_restart_reads_the_cache(
     tiny_data, tmp_path, monkeypatch):
   """A second job with the same step (a restarted or preempted one) loads

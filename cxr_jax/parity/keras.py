@@ -10,6 +10,7 @@ logits and the feature map at every size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -72,12 +73,29 @@ def build_keras_reference(ref: KerasReference, size: int = 299,
   return net
 
 
+@contextlib.contextmanager
+def _cheapest_compiles():
+  """Keras draws each variable's initial value with a JAX program compiled
+  for its shape, and compiling those dominates building an application.
+  XLA's quick compile costs about half as much; the random weights it draws
+  differ from a fully optimised draw's only in the last bit (the scaling's
+  rounding), and any random weights serve a parity check."""
+  import jax
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def _construct(keras, ref: KerasReference, size: int, num_classes: int):
-  if ref.build is not None:
-    return ref.build(keras, size, num_classes)
-  return getattr(keras.applications, ref.application)(
-      weights=None, input_shape=(size, size, 3), classes=num_classes,
-      classifier_activation=None)
+  with _cheapest_compiles():
+    if ref.build is not None:
+      return ref.build(keras, size, num_classes)
+    return getattr(keras.applications, ref.application)(
+        weights=None, input_shape=(size, size, 3), classes=num_classes,
+        classifier_activation=None)
 
 
 def keras_at_size(ref: KerasReference, net, size: int):
