@@ -24,8 +24,31 @@ def _init(model, x, seed=0):
   return jax.jit(model.init)(jax.random.key(seed), x)
 
 
+def _random_variables(model, x, seed=0):
+  """Variables of the model's shapes drawn by numpy: for tests of what the
+  network computes from any weights, since compiling a deep network's init
+  (a random draw per parameter) costs several times its forward pass.
+  Kernels are scaled by 1/sqrt(fan-in) so activations stay finite."""
+  rng = np.random.default_rng(seed)
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if "var" in name:
+      return rng.uniform(0.5, 2.0, s.shape).astype(s.dtype)
+    scale = 1.0 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 0.1
+    return (scale * rng.normal(size=s.shape)).astype(s.dtype)
+  return jax.tree_util.tree_map_with_path(
+      draw, jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
+
+
 def _apply(model, variables, x, **kwargs):
   return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
+
+
+@pytest.fixture(scope="module")
+def full_network_variables():
+  """The 15-output network's variables; they do not depend on the input
+  size, so one compiled init serves every size."""
+  return _init(InceptionV3(num_classes=15), jnp.zeros((1, 75, 75, 3)))
 
 
 @pytest.mark.slow
@@ -56,9 +79,10 @@ def test_deepcxray_head_is_14_diseases_then_normal():
 
 @pytest.mark.parametrize("size,grid", [(75, 1), (107, 2), (299, 8)])
 @pytest.mark.slow
-def test_features_are_reachable_by_name_at_any_size(size, grid):
+def test_features_are_reachable_by_name_at_any_size(size, grid,
+                                                   full_network_variables):
   model = InceptionV3(num_classes=15)
-  variables = _init(model, jnp.zeros((1, size, size, 3)))
+  variables = full_network_variables
   logits, feats = _apply(model, variables, jnp.zeros((2, size, size, 3)),
                          return_features=True)
   assert logits.shape == (2, 15)
@@ -78,10 +102,11 @@ def test_transition_head_pools_with_the_configured_lse_r():
   `lse_r`, then the head (a constant r would ignore config.model.lse_r)."""
   x = jax.random.uniform(jax.random.key(1), (2, 107, 107, 3), minval=-1)
   logits = {}
+  variables = _random_variables(InceptionV3(
+      num_classes=15, depth_multiplier=0.125, transition_channels=16), x)
   for r in (2.0, 10.0):
     model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                         transition_channels=16, lse_r=r)
-    variables = _init(model, x)
     logits[r], feats = _apply(model, variables, x, return_features=True)
     t = np.asarray(feats["transition"], np.float64)
     pooled = np.log(np.exp(r * t).mean((1, 2))) / r
@@ -120,14 +145,15 @@ def test_input_norms_map_minus_one_one_to_what_weights_expect(norm):
 def test_rejects_inputs_below_75_pixels():
   model = InceptionV3(num_classes=15)
   with pytest.raises(ValueError, match="at least 75x75"):
-    model.init(jax.random.key(0), jnp.zeros((1, 74, 74, 3)))
+    _shapes(model, 74)
 
 
 @pytest.mark.slow
-def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
+def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters(
+    full_network_variables):
   x = jax.random.uniform(jax.random.key(1), (2, 75, 75, 3), minval=-1, maxval=1)
   f32 = InceptionV3(num_classes=15)
-  variables = _init(f32, x)
+  variables = full_network_variables
   bf16 = InceptionV3(num_classes=15, dtype=jnp.bfloat16)
   bf16_vars = _shapes(bf16, 75)
   assert {l.dtype for l in jax.tree_util.tree_leaves(bf16_vars)} == {
@@ -222,7 +248,7 @@ def test_lse_head_pools_the_class_maps():
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                       head_pooling="lse", lse_r=10.0)
   x = jax.random.uniform(jax.random.key(1), (2, 139, 139, 3), minval=-1)
-  variables = _init(model, x)
+  variables = _random_variables(model, x)
   logits, feats = _apply(model, variables, x, return_features=True)
   maps = np.asarray(feats["class_maps"], np.float64)
   head = variables["params"]["head"]
@@ -237,7 +263,7 @@ def test_lse_head_pools_the_class_maps():
   assert (logits >= flat.mean(1) - 1e-6).all() and (
       logits <= flat.max(1) + 1e-6).all()
   with pytest.raises(ValueError, match="head_pooling"):
-    InceptionV3(num_classes=15, head_pooling="max").init(jax.random.key(0), x)
+    _shapes(InceptionV3(num_classes=15, head_pooling="max"), 139)
 
 
 @pytest.mark.slow
@@ -254,8 +280,7 @@ def test_delta_init_starts_every_convolution_at_its_centre_tap():
   assert k.shape[:2] == (7, 1) and np.abs(k[3]).sum() > 0
   assert np.count_nonzero(np.delete(k, 3, axis=0)) == 0
   with pytest.raises(ValueError, match="conv_init"):
-    InceptionV3(num_classes=15, conv_init="zeros").init(
-        jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+    _shapes(InceptionV3(num_classes=15, conv_init="zeros"), 75)
 
 
 def _centre_cell_gradient_radius(model, size=299):

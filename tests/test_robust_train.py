@@ -294,3 +294,13 @@ def test_soak_preempted_and_killed_runs_end_bit_identical(tiny_data,
   train_steps = [r["step"] for r in records if "train_loss" in r]
   val_steps = [r["step"] for r in records if "val_loss" in r]
   assert train_steps == list(range(2, 25, 2)) and val_steps == [12, 24]
+  assert (run / "tensorboard").is_dir()
+
+  # A larger num_train_steps on the finished workdir continues the run.
+  more = subprocess.run(_soak_cmd(driver, run, tiny_data, steps=28), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert more.returncode == 0, more.stderr[-3000:]
+  assert checkpoint.restore(str(run), "latest")[1].restored_step == 28
+  records = [json.loads(line) for line in
+             (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train_loss" in r][-2:] == [26, 28]

@@ -253,8 +253,9 @@ def test_a_preempted_run_resumes_to_the_same_parameters(tiny_data, tmp_path):
                   jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Analysis on the finished run: restore on another topology (1 device
-  # here, 2 in training), evaluate and localize.
-  from cxr_jax import evaluation, localization
+  # here, 2 in training) and evaluate. (The demo test localizes with this
+  # network; the soak test continues a finished run with more steps.)
+  from cxr_jax import evaluation
   result = evaluation.evaluate(str(ref_dir), "latest", "test",
                                num_resamples=50)
   out = ref_dir / "eval" / "test"
@@ -265,18 +266,6 @@ def test_a_preempted_run_resumes_to_the_same_parameters(tiny_data, tmp_path):
   assert set(saved["auc"]) == set(L.DISEASES)
   rows = (out / "predictions.csv").read_text().splitlines()
   assert len(rows) == saved["num_images"] + 1
-  loc = localization.localize(str(ref_dir), which="latest", max_overlays=2)
-  assert loc["boxes"] > 0 and (pathlib.Path(loc["out_dir"]) /
-                               "localization.csv").exists()
-
-  # A larger num_train_steps on the same workdir continues the run.
-  subprocess.run(_train_cmd(ref_dir, tiny_data, steps=16), env=env,
-                 check=True, capture_output=True, timeout=600)
-  assert _final_params(ref_dir)[1] == 16
-  lines = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text(
-  ).splitlines()]
-  assert any("val_mean_auc" in l for l in lines)
-  assert (ref_dir / "tensorboard").is_dir()
 
 
 @pytest.mark.slow

@@ -133,7 +133,14 @@ def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
   out = str(tmp_path / "imagenet.npz")
   weights.convert("inception_v3", "keras", paths["legacy"], out)
   model = InceptionV3(num_classes=15)
-  init = model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+  # Any values of the model's shapes serve as the initial variables here:
+  # merging is under test, and compiling InceptionV3's init would cost more
+  # than the rest of the test.
+  rng = np.random.default_rng(0)
+  init = jax.tree_util.tree_map(
+      lambda s: rng.normal(size=s.shape).astype(s.dtype),
+      jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                        jnp.zeros((1, 75, 75, 3)))))
   with caplog.at_level(logging.INFO, logger="cxr_jax.weights"):
     merged = weights.merge_pretrained(init, weights.load_pretrained(out),
                                       dont_load=[r"^params/head/"])
@@ -149,7 +156,9 @@ def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
   text = caplog.text
   assert "kept at init (dont_load): params/head/kernel (2048, 15)" in text
   assert "kept at init (dont_load): params/head/bias (15,)" in text
-  model.apply(merged, np.zeros((1, 75, 75, 3), np.float32))
+  # The merged variables are the model's: it traces with them.
+  assert jax.eval_shape(model.apply, merged, jnp.zeros((1, 75, 75, 3))
+                        ).shape == (1, 15)
 
   with pytest.raises(weights.ConversionError,
                      match=r"params/head/kernel: model shape \(2048, 15\) != "

@@ -248,9 +248,10 @@ def test_notop_file_converts_without_head(reference, tmp_path):
 @pytest.mark.slow
 def test_parity_check_entry_point():
   """The check `cxr-jax parity-check` runs: registry dispatch, both layouts,
-  batch 2, both sizes."""
+  at the smallest size, batch 1
+  (test_keras_parity proves 224 and 299)."""
   pytest.importorskip("keras")
   from cxr_jax.parity import inception_resnet_v2 as parity
-  errors = parity.CHECKS[NAME](sizes=(299, 224), batch=2, seed=0)
+  errors = parity.CHECKS[NAME](sizes=(75,), batch=1, seed=0)
   print(errors)
-  assert len(errors) == 8 and max(errors.values()) <= TOLERANCE
+  assert len(errors) == 4 and max(errors.values()) <= TOLERANCE

@@ -188,9 +188,10 @@ def test_bad_inputs_are_refused():
 @pytest.mark.slow
 def test_parity_check_entry_point():
   """The check `cxr-jax parity-check` runs: registry dispatch, both sources
-  (pretrainedmodels with its 1001 classes), batch 2, both sizes."""
+  (pretrainedmodels with its 1001 classes), at the smallest size, batch 1
+  (test_torch_parity proves 224 and 299)."""
   pytest.importorskip("torch")
   from cxr_jax.parity import inception_v4 as parity
-  errors = parity.CHECKS[NAME](sizes=(299, 224), batch=2, seed=0)
+  errors = parity.CHECKS[NAME](sizes=(75,), batch=1, seed=0)
   print(errors)
-  assert len(errors) == 8 and max(errors.values()) <= TOLERANCE
+  assert len(errors) == 4 and max(errors.values()) <= TOLERANCE
