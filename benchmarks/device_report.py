@@ -52,15 +52,21 @@ def section(out: pathlib.Path) -> list[str]:
     lines += [f"### evaluate.py: evaluation against the bare forward, "
               f"{evaluate['device']}", ""]
     lines += table(evaluate["rows"], ["batch_size", "bare_images_per_s",
-                                      "evaluation_images_per_s", "ratio"])
+                                      "evaluation_images_per_s", "ratio",
+                                      "from_memory_images_per_s",
+                                      "from_memory_ratio"])
     lines += ["", f"Best evaluation / best bare forward: "
-              f"**{evaluate['ratio_of_bests']:.3f}** (goal >= 0.95)", ""]
+              f"**{evaluate['ratio_of_bests']:.3f}** (goal >= 0.95); from "
+              f"memory {evaluate['from_memory_ratio_of_bests']:.3f}", ""]
   loop = load(out, "loop")
   if loop:
     rows = [{"bare img/s": r["bare"]["images_per_s"],
              "loop img/s": r["loop"]["images_per_s"],
              "loop, windows after a save": r["loop"]["windows_after_a_save"],
              "ratio": r["ratio"],
+             "loop without saves img/s":
+                 r["loop_without_saves"]["images_per_s"],
+             "ratio without saves": r["ratio_without_saves"],
              "compile": json.dumps(r["loop"]["compile"])}
             for r in loop["runs"]]
     lines += [f"### loop.py: the loop against the bare step, "

@@ -6,7 +6,8 @@ the bare step's, in one process, on the same model and batch.
 * loop: `train.train_and_evaluate` with the real input pipeline (Grain
   reading a prepared synthetic dataset), metrics, the progress bar,
   asynchronous checkpoints every `--checkpoint_every` steps and one
-  validation at the end. Its rate is taken from metrics.jsonl's windows
+  validation at the end; and the same loop saving only at the end, which
+  separates what the saves cost from the rest of the loop. Its rate is taken from metrics.jsonl's windows
   after the first, so compilation is left out of both sides.
 
 A small network (InceptionV3 at depth multiplier 0.125, 75 px) keeps a CPU
@@ -136,17 +137,26 @@ def main():
         f"nonfinite={args.nonfinite}",
         f"loader_threads={args.loader_threads}",
         f"compilation_cache_dir={tmp / 'xla_cache'}"])
+    # The same loop with no save until the end: what the saves cost, apart
+    # from everything else the loop does.
+    unsaved = config.copy_and_resolve_references()
+    unsaved.checkpoint_every_steps = args.steps + 1
     runs = []
     for rep in range(args.reps):  # interleaved, so drift hits both sides
       bare = bare_step(config, args.steps)
       looped = loop(config, str(tmp / f"run{rep}"))
-      runs.append({"bare": bare, "loop": looped,
+      no_saves = loop(unsaved, str(tmp / f"unsaved{rep}"))
+      runs.append({"bare": bare, "loop": looped, "loop_without_saves": no_saves,
                    "ratio": looped["images_per_s"] / bare["images_per_s"],
+                   "ratio_without_saves": no_saves["images_per_s"] /
+                                          bare["images_per_s"],
                    "ratio_to_fed": looped["images_per_s"] /
                                    bare["fed_images_per_s"]})
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   ratio = statistics.median(r["ratio"] for r in runs)
   ratio_to_fed = statistics.median(r["ratio_to_fed"] for r in runs)
+  ratio_without_saves = statistics.median(r["ratio_without_saves"]
+                                          for r in runs)
   print(f"loop vs bare step: InceptionV3 x{args.depth_multiplier} at "
         f"{args.image_size}px, global batch {args.batch}, {device}, "
         f"jax {jax.__version__}, {os.cpu_count()} host cores, "
@@ -159,14 +169,18 @@ def main():
           f"{l['images_per_s']:.1f} img/s (windows without a save "
           f"{l['plain_windows'] or float('nan'):.1f}, after a save "
           f"{l['windows_after_a_save'] or float('nan'):.1f}; compile "
-          f"{l['compile']}) | ratio {r['ratio']:.3f}")
+          f"{l['compile']}) | ratio {r['ratio']:.3f} | loop without saves "
+          f"{r['loop_without_saves']['images_per_s']:.1f} img/s, ratio "
+          f"{r['ratio_without_saves']:.3f}")
   print(f"median ratio loop / bare: {ratio:.3f}; loop / step fed by the "
-        f"pipeline: {ratio_to_fed:.3f}")
+        f"pipeline: {ratio_to_fed:.3f}; loop without saves / bare: "
+        f"{ratio_without_saves:.3f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": device, "jax": jax.__version__,
                  "args": vars(args), "runs": runs, "ratio": ratio,
-                 "ratio_to_fed": ratio_to_fed}, f,
+                 "ratio_to_fed": ratio_to_fed,
+                 "ratio_without_saves": ratio_without_saves}, f,
                 indent=2)
 
 
