@@ -87,9 +87,24 @@ def bare_step(config, steps: int) -> dict:
 def loop(config, workdir: str) -> dict:
   """Images/s of train_and_evaluate from its metrics windows after the
   first; windows that follow a checkpoint save, apart."""
-  from cxr_jax import train
+  from cxr_jax import checkpoint, train
+  # How long each save call holds the loop (the loop calls checkpoint.save
+  # through the module, so a wrapper here sees every call).
+  blocked, save = [], checkpoint.save
+
+  def timed_save(*args, **kwargs):
+    begin = time.perf_counter()
+    try:
+      return save(*args, **kwargs)
+    finally:
+      blocked.append(round(time.perf_counter() - begin, 3))
+
+  checkpoint.save = timed_save
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
+  try:
+    train.train_and_evaluate(config, workdir)
+  finally:
+    checkpoint.save = save
   total = time.perf_counter() - start
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   windows = [r for r in rows if "images_per_s" in r][1:]
@@ -104,6 +119,7 @@ def loop(config, workdir: str) -> dict:
   return {"images_per_s": rate(windows), "plain_windows": rate(plain),
           "windows_after_a_save": rate(after_save),
           "windows": len(windows), "wall_s": total,
+          "save_blocked_s": blocked,
           "compile": header.get("compile")}
 
 
@@ -169,7 +185,8 @@ def main():
           f"{l['images_per_s']:.1f} img/s (windows without a save "
           f"{l['plain_windows'] or float('nan'):.1f}, after a save "
           f"{l['windows_after_a_save'] or float('nan'):.1f}; compile "
-          f"{l['compile']}) | ratio {r['ratio']:.3f} | loop without saves "
+          f"{l['compile']}; each save blocked {l['save_blocked_s']} s) | "
+          f"ratio {r['ratio']:.3f} | loop without saves "
           f"{r['loop_without_saves']['images_per_s']:.1f} img/s, ratio "
           f"{r['ratio_without_saves']:.3f}")
   print(f"median ratio loop / bare: {ratio:.3f}; loop / step fed by the "
