@@ -44,7 +44,7 @@ bench() {  # bench NAME SECONDS COMMAND...: its log and exit status in $OUT
 
 if [ "$SMALL" = 1 ]; then
   bench train_step 300 python3 benchmarks/train_step.py --image_size 75 \
-    --sizes 2 4 --dtypes bfloat16 float32 --steps 2 --json "$OUT/train_step.json"
+    --sizes 2 --dtypes bfloat16 float32 --steps 2 --json "$OUT/train_step.json"
   bench evaluate 300 python3 benchmarks/evaluate.py --images 64 \
     --batch_sizes 8 16 --reps 2 --json "$OUT/evaluate.json"
   bench loop 300 python3 benchmarks/loop.py --steps 20 --log_every 5 \
@@ -56,12 +56,12 @@ if [ "$SMALL" = 1 ]; then
 else
   # InceptionV3 at 299 px, the paper's model: per-device batch 16-256, bf16
   # first (the goal is >= 4,000 img/s in bf16 on one H100-class GPU).
-  bench train_step 200 python3 benchmarks/train_step.py --sizes 64 128 256 16 \
+  bench train_step 170 python3 benchmarks/train_step.py --sizes 64 128 256 16 \
     --dtypes bfloat16 float32 --steps 10 --json "$OUT/train_step.json"
   bench evaluate 80 python3 benchmarks/evaluate.py --depth_multiplier 1.0 \
     --image_size 299 --images 2048 --batch_sizes 64 128 256 512 --reps 10 \
     --loader_threads 16 --json "$OUT/evaluate.json"
-  bench loop 90 python3 benchmarks/loop.py --depth_multiplier 1.0 \
+  bench loop 120 python3 benchmarks/loop.py --depth_multiplier 1.0 \
     --image_size 299 --dtype bfloat16 --batch 64 --steps 150 --log_every 10 \
     --checkpoint_every 50 --loader_threads 16 --json "$OUT/loop.json"
   bench data 60 python3 benchmarks/data.py --copies 10 --batches 300 \
