@@ -53,8 +53,10 @@ def full_network_variables():
 
 @pytest.mark.slow
 def test_parameter_counts_match_keras():
-  keras = pytest.importorskip("keras")
-  reference = keras.applications.InceptionV3(weights=None).count_params()
+  pytest.importorskip("keras")
+  from cxr_jax.parity import keras as keras_parity
+  reference = keras_parity.build_keras_reference(
+      keras_parity.KERAS_REFERENCES["inception_v3"], 299).count_params()
   ours = count_parameters(_shapes(InceptionV3(num_classes=1000), 299))
   head15 = count_parameters(_shapes(InceptionV3(num_classes=15), 299))
   print(f"parameters: 1000-way {ours:,} (keras {reference:,}); "
