@@ -7,8 +7,9 @@ the bare step's, in one process, on the same model and batch.
   reading a prepared synthetic dataset), metrics, the progress bar,
   asynchronous checkpoints every `--checkpoint_every` steps and one
   validation at the end; and the same loop saving only at the end, which
-  separates what the saves cost from the rest of the loop. Its rate is taken from metrics.jsonl's windows
-  after the first, so compilation is left out of both sides.
+  separates what the saves cost from the rest of the loop. The loop's rate
+  is taken from metrics.jsonl's windows after the first, so compilation is
+  left out of both sides.
 
 A small network (InceptionV3 at depth multiplier 0.125, 75 px) keeps a CPU
 step short, like an accelerator's, so that any time the loop spends

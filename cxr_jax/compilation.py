@@ -10,6 +10,7 @@ run_header.json.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -77,6 +78,20 @@ def cache_events() -> dict[str, int]:
   """Persistent-cache hits and misses counted since this module loaded."""
   with _counts_lock:
     return {"hits": _counts[_EVENTS[0]], "misses": _counts[_EVENTS[1]]}
+
+
+@contextlib.contextmanager
+def quick_compile():
+  """XLA's cheapest compile (`jax_disable_most_optimizations`) inside the
+  block, the previous setting after it: for programs compiled for their
+  results, not their speed, such as a test's plumbing or the random draws
+  that build a reference network."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def compile_ahead(jitted: Callable, *args: Any) -> dict[str, Any]:

@@ -139,6 +139,26 @@ def random_batches(n=3, size=75, batch=16, seed=0):
   return out
 
 
+def random_variables(model, size: int = 64, seed: int = 0):
+  """Variables of `model`'s shapes at `size` px, drawn by numpy: for tests of
+  what a network computes from any weights. Compiling a deep network's
+  `init` (a PRNG draw per parameter) costs several times its forward pass."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":  # fan-in scaled, so activations stay finite
+      return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, leaf.shape)
+    return rng.normal(0, 0.1, leaf.shape)  # biases, BatchNorm means
+
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, leaf: draw(p, leaf).astype(leaf.dtype), shapes)
+
+
 def run_steps(config, num_devices, batches, model_fn=small_model):
   """(losses, parameter updates, batch stats) after training on `batches`."""
   trainer = train.Trainer(config, num_devices=num_devices, model_fn=model_fn)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.receptive_field import mass_radius
+from conftest import random_variables
 from cxr_jax import labels
 from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
 from cxr_jax.models.inception_v3 import feature_grid
@@ -22,22 +23,6 @@ def _shapes(model, size):
 # CPU than dispatching (and compiling) each of its hundreds of ops alone.
 def _init(model, x, seed=0):
   return jax.jit(model.init)(jax.random.key(seed), x)
-
-
-def _random_variables(model, x, seed=0):
-  """Variables of the model's shapes drawn by numpy: for tests of what the
-  network computes from any weights, since compiling a deep network's init
-  (a random draw per parameter) costs several times its forward pass.
-  Kernels are scaled by 1/sqrt(fan-in) so activations stay finite."""
-  rng = np.random.default_rng(seed)
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if "var" in name:
-      return rng.uniform(0.5, 2.0, s.shape).astype(s.dtype)
-    scale = 1.0 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 0.1
-    return (scale * rng.normal(size=s.shape)).astype(s.dtype)
-  return jax.tree_util.tree_map_with_path(
-      draw, jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
 
 
 def _apply(model, variables, x, **kwargs):
@@ -104,8 +89,8 @@ def test_transition_head_pools_with_the_configured_lse_r():
   `lse_r`, then the head (a constant r would ignore config.model.lse_r)."""
   x = jax.random.uniform(jax.random.key(1), (2, 107, 107, 3), minval=-1)
   logits = {}
-  variables = _random_variables(InceptionV3(
-      num_classes=15, depth_multiplier=0.125, transition_channels=16), x)
+  variables = random_variables(InceptionV3(
+      num_classes=15, depth_multiplier=0.125, transition_channels=16), 107)
   for r in (2.0, 10.0):
     model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                         transition_channels=16, lse_r=r)
@@ -250,7 +235,7 @@ def test_lse_head_pools_the_class_maps():
   model = InceptionV3(num_classes=15, depth_multiplier=0.125,
                       head_pooling="lse", lse_r=10.0)
   x = jax.random.uniform(jax.random.key(1), (2, 139, 139, 3), minval=-1)
-  variables = _random_variables(model, x)
+  variables = random_variables(model, 139)
   logits, feats = _apply(model, variables, x, return_features=True)
   maps = np.asarray(feats["class_maps"], np.float64)
   head = variables["params"]["head"]

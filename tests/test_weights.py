@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from cxr_jax import cli, parity, weights
 from cxr_jax.models import FEATURE_MAP, InceptionV3
 from cxr_jax.parity import keras as keras_parity
@@ -136,11 +137,7 @@ def test_15_output_model_from_the_1000_class_file(keras_files, tmp_path,
   # Any values of the model's shapes serve as the initial variables here:
   # merging is under test, and compiling InceptionV3's init would cost more
   # than the rest of the test.
-  rng = np.random.default_rng(0)
-  init = jax.tree_util.tree_map(
-      lambda s: rng.normal(size=s.shape).astype(s.dtype),
-      jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                        jnp.zeros((1, 75, 75, 3)))))
+  init = random_variables(model, 75)
   with caplog.at_level(logging.INFO, logger="cxr_jax.weights"):
     merged = weights.merge_pretrained(init, weights.load_pretrained(out),
                                       dont_load=[r"^params/head/"])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import SmallNet, random_batches, train_config
-from cxr_jax import checkpoint, inference, models, parallel, train, weights
+from cxr_jax import (checkpoint, compilation, inference, models, parallel,
+                     train, weights)
 from cxr_jax import labels as L
 
 # One network of every family of Table 6, and CheXNet's DenseNet-121, trains.
@@ -34,10 +35,8 @@ FAST = {"vgg16"}
 def quick_compile():
   """XLA's cheapest compile: these steps check plumbing, not numerics, and
   a deep backbone's training step otherwise compiles for minutes on 2 cores."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with compilation.quick_compile():
+    yield
 
 
 def _min_size(name: str) -> int:

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from cxr_jax import models, weights
 from cxr_jax.models import densenet
 from cxr_jax.models.common import count_parameters, lse_pool
 from cxr_jax.parity.common import max_abs_error
 from cxr_jax.weights import densenet as convert
-from cxr_jax.weights.common import (ConversionError, expected_shapes, flatten,
-                                    unflatten)
+from cxr_jax.weights.common import ConversionError, flatten
 
 TOLERANCE = 1e-4  # max abs error on logits (and the map), float32
 SIZES = (224, 299)
@@ -381,31 +381,11 @@ def test_feature_grid_by_hand():
     assert out["features"].shape[1:3] == (model.feature_grid(size)[0],) * 2
 
 
-def _random_variables(model, size: int, seed: int = 0):
-  """Random numbers of the model's shapes, BN variances positive, without
-  compiling `init`."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for collection in ("params", "batch_stats"):
-    flat = {}
-    for path, shape in expected_shapes(model, size, collection).items():
-      if path.endswith("/var"):
-        flat[path] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
-      elif path.endswith("/kernel"):
-        fan_in = int(np.prod(shape[:-1]))
-        flat[path] = (rng.normal(0, 1, shape) * np.sqrt(2 / fan_in)
-                      ).astype(np.float32)
-      else:
-        flat[path] = rng.normal(0, 0.2, shape).astype(np.float32)
-    out[collection] = unflatten(flat)
-  return out
-
-
 @pytest.mark.slow
 def test_lse_head_in_bfloat16():
   model = densenet.DenseNet(num_classes=3, depth=121, dtype=jnp.bfloat16,
                             head_pooling="lse")
-  variables = _random_variables(model, 64)
+  variables = random_variables(model, 64)
   x = np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)
                                        ).astype(np.float32)
   logits, out = jax.jit(lambda v, x: model.apply(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from cxr_jax import models, weights
 from cxr_jax.models import resnet
 from cxr_jax.models.common import count_parameters
@@ -46,23 +47,6 @@ def build(name, **kwargs):
 def shapes(model, size):
   return jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3))))
-
-
-def random_variables(model, seed=0, size=64):
-  """Random variables of `model`'s shapes, drawn by numpy: `model.init`
-  draws 25-60M numbers with JAX's PRNG op by op, tens of seconds on CPU."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "kernel":  # fan-in scaled, so activations stay finite
-      return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
-    if name in ("scale", "var"):
-      return rng.uniform(0.5, 1.5, leaf.shape)
-    return rng.normal(0, 0.1, leaf.shape)  # biases, BatchNorm means
-
-  return jax.tree_util.tree_map_with_path(
-      lambda p, leaf: draw(p, leaf).astype(np.float32), shapes(model, size))
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ logits and the feature map at every size.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -19,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from cxr_jax import weights
+from cxr_jax import compilation, weights
 from cxr_jax.parity.common import flax_outputs, max_abs_error, torch_available
 
 
@@ -73,24 +72,12 @@ def build_keras_reference(ref: KerasReference, size: int = 299,
   return net
 
 
-@contextlib.contextmanager
-def _cheapest_compiles():
-  """Keras draws each variable's initial value with a JAX program compiled
-  for its shape, and compiling those dominates building an application.
-  XLA's quick compile costs about half as much; the random weights it draws
-  differ from a fully optimised draw's only in the last bit (the scaling's
-  rounding), and any random weights serve a parity check."""
-  import jax
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _construct(keras, ref: KerasReference, size: int, num_classes: int):
-  with _cheapest_compiles():
+  # Keras draws each variable's initial value with a JAX program compiled
+  # for its shape, and compiling those dominates building an application.
+  # Quick compile halves that; the draws differ from fully optimised ones
+  # only in the last bit, and any random weights serve a parity check.
+  with compilation.quick_compile():
     if ref.build is not None:
       return ref.build(keras, size, num_classes)
     return getattr(keras.applications, ref.application)(
