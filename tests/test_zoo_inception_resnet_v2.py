@@ -16,7 +16,8 @@ from cxr_jax import models, weights
 from cxr_jax.models import inception_resnet_v2 as irv2
 from cxr_jax.models.common import count_parameters, lse_pool
 from cxr_jax.weights import inception_resnet_v2 as convert
-from cxr_jax.weights.common import ConversionError, flatten
+from cxr_jax.weights.common import (ConversionError, flatten,
+                                    per_block_shapes)
 
 NAME = "inception_resnet_v2"
 TOLERANCE = 1e-4  # max abs error on logits, float32
@@ -110,10 +111,15 @@ def test_parameter_count(reference):
                                              jnp.zeros((1, 75, 75, 3))))
   assert count_parameters(shapes) == KERAS_COUNT
   assert reference[1].count_params() == KERAS_COUNT
-  # Biases only on the 40 residual up convolutions.
-  biased = [k for k in flatten(shapes["params"]) if k.endswith("conv/bias")]
+  # Biases only on the 40 residual up convolutions, block by block once
+  # the scanned groups are split into Keras' blocks.
+  blocks = per_block_shapes({k: v.shape for k, v in flatten(
+      shapes["params"]).items()}, irv2.REPEATED)
+  biased = [k for k in blocks if k.endswith("conv/bias")]
   assert len(biased) == 40 and all(k.split("/")[0].startswith("block")
                                    for k in biased)
+  assert {k.split("/")[0] for k in biased} == {
+      f"{t}_{i}" for t, n, _ in irv2.REPEATS for i in range(1, n + 1)}
 
 
 def test_registry_row_and_conversion_meta(reference, tmp_path):
@@ -188,8 +194,8 @@ def test_converter_names_missing_mismatched_and_wrong_files(reference,
                      r"block17_4/conv/kernel: the model has it"):
     convert.convert_keras(missing)
   wrong = str(tmp_path / "shape.h5")
-  up = reference[3]["legacy"][0]["params"]["block8_2"]["conv"]
-  kernel, bias = up["kernel"], up["bias"]  # the file's order
+  up = reference[3]["legacy"][0]["params"]["block8"]["conv"]
+  kernel, bias = up["kernel"][1], up["bias"][1]  # block8_2, the file's order
   _edit_legacy(legacy, wrong, "block8_2_conv",
                [kernel[..., :-1], bias[:-1]])
   with pytest.raises(ConversionError, match=r"shape\.h5(.|\n)*"

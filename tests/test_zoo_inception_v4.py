@@ -14,7 +14,7 @@ from cxr_jax.models import inception_v4 as v4
 from cxr_jax.models.common import count_parameters, lse_pool
 from cxr_jax.parity.common import max_abs_error
 from cxr_jax.weights import inception_v4 as convert
-from cxr_jax.weights.common import ConversionError, flatten
+from cxr_jax.weights.common import ConversionError, flatten, per_block_shapes
 
 NAME = "inception_v4"
 TOLERANCE = 1e-4  # max abs error on logits, float32
@@ -106,7 +106,8 @@ def test_parameter_count(references):
     assert ref.parameter_count(ref.build_reference(
         source, num_classes=1000)) == PUBLISHED
   # Every BatchNorm keeps PyTorch's gamma; no convolution has a bias.
-  params = flatten(shapes["params"])
+  params = per_block_shapes({k: v.shape for k, v in flatten(
+      shapes["params"]).items()}, v4.REPEATED)
   assert sum(k.endswith("bn/scale") for k in params) == 149
   assert not any(k.endswith("conv/bias") for k in params)
 

@@ -375,6 +375,20 @@ class InceptionBlock(Layer):
     return self.side_by_side(x, train, self.branches())
 
 
+def repeat(block: nn.Module, x, train: bool, times: int):
+  """`block` applied `times` times in sequence, each time with variables of
+  its own, stacked on a leading axis of length `times` under `block`'s name
+  (`nn.scan`). XLA then compiles one body, not `times` copies: a deep
+  network's training step compiles several times faster. A family names its
+  stacked groups' blocks in `REPEATED` (group -> the upstream's names of its
+  blocks, in order), from which converters stack the upstream's arrays."""
+  def body(module, carry, _):
+    return module(carry, train), None
+  scanned = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
+                    split_rngs={"params": True}, length=times)
+  return scanned(block, x, None)[0]
+
+
 class Backbone(nn.Module):
   """The model interface's fields (see above). A family adds its options
   and declares a field again where its default differs. `input_norm` and

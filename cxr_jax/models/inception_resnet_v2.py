@@ -16,8 +16,10 @@ Residual Connections on Learning". The architecture follows
 
 Module names: the stem and branch names are TF-slim's/timm's (`conv2d_1a`,
 `mixed_5b/branch1_0`, a pool branch's conv is `branch_pool`), the repeated
-blocks and the last conv carry Keras' names (`block35_1`, ..., `conv_7b`),
-and a block's up convolution is `conv` (Keras' `block35_1_conv`).
+blocks carry Keras' block types, the last conv Keras' name (`conv_7b`), and
+a block's up convolution is `conv` (Keras' `block35_1_conv`). The repeated
+blocks are scanned: `block35/conv/kernel` stacks Keras' `block35_1_conv` ...
+`block35_10_conv` on its leading axis (see `REPEATED`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 
 from cxr_jax.models.common import (InceptionBackbone, InceptionBlock, Unit,
                                    inception_a, inception_grid, lookup,
-                                   max_pool_3x3, reduction_a, slim_stem)
+                                   max_pool_3x3, reduction_a, repeat,
+                                   slim_stem)
 
 # Keras' BatchNormalization defaults, with which the ImageNet statistics were
 # made; Flax's `momentum` means what Keras' does (the old value's weight).
@@ -42,6 +45,15 @@ FEATURE_MAP = "conv_7b"  # the last convolutional map, 1536 channels
 # (block type, repeats, residual scale): Keras' `inception_resnet_block`.
 REPEATS: Sequence[tuple[str, int, float]] = (
     ("block35", 10, 0.17), ("block17", 20, 0.1), ("block8", 10, 0.2))
+# The residual blocks run as three scanned groups (`repeat`), their variables
+# stacked under the block type's name, in Keras' order (`block35_1` is
+# `block35`'s index 0). The last block8 has scale 1.0 and no ReLU: Keras'
+# `block8_10` stays a module of its own.
+LAST_BLOCK = "block8_10"
+REPEATED: dict[str, tuple[str, ...]] = {
+    block_type: tuple(f"{block_type}_{i}" for i in range(1, repeats + 1)
+                      if f"{block_type}_{i}" != LAST_BLOCK)
+    for block_type, repeats, _ in REPEATS}
 # TF-slim's stem, as Inception V3's, and the convolutions a 3x3/2 max pool
 # follows.
 STEM = slim_stem(
@@ -159,14 +171,14 @@ class InceptionResNetV2(InceptionBackbone):
     x = Mixed5b(name="mixed_5b", **settings)(x, train)
     reductions = {"block35": Mixed6a(name="mixed_6a", **settings),
                   "block17": Mixed7a(name="mixed_7a", **settings)}
-    for block_type, repeats, scale in REPEATS:
-      for i in range(1, repeats + 1):
-        last = block_type == "block8" and i == repeats
-        x = ResidualBlock(block_type=block_type, scale=1.0 if last else scale,
-                          activation=not last, name=f"{block_type}_{i}",
-                          **settings)(x, train)
+    for block_type, _, scale in REPEATS:
+      x = repeat(ResidualBlock(block_type=block_type, scale=scale,
+                               name=block_type, **settings),
+                 x, train, len(REPEATED[block_type]))
       if block_type in reductions:
         x = reductions[block_type](x, train)
+    x = ResidualBlock(block_type="block8", scale=1.0, activation=False,
+                      name=LAST_BLOCK, **settings)(x, train)
     x = _Block.conv_bn(1536, (1, 1), name="conv_7b", **settings)(x, train)
     return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 

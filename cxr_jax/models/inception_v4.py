@@ -12,9 +12,12 @@ inceptionv4.py`) carries TF-slim's ImageNet weights:
   convolutions pad symmetrically by k // 2, which is 'SAME' for odd kernels;
 * the block average pools exclude the padding (`count_include_pad=False`).
 
-Module names are TF-slim's end points (`Mixed_5b` ... `Mixed_7d`), and inside
+Module names are TF-slim's end points (`Mixed_3a` ... `Mixed_7a`), and inside
 a block timm's (`branch1_0` for `branch1.0`; a pool branch's conv, timm's
-`branch3.1`, is `branch_pool`). `cxr_jax.weights.inception_v4` maps timm's
+`branch3.1`, is `branch_pool`). The runs of equal blocks (`Mixed_5b-e`,
+`Mixed_6b-h`, `Mixed_7b-d`) are scanned, their variables stacked under their
+block's name (`InceptionA/branch0/conv/kernel` holds `Mixed_5b`'s at index
+0; see `STAGES`). `cxr_jax.weights.inception_v4` maps timm's
 `features.N...` keys onto them explicitly.
 """
 
@@ -27,7 +30,7 @@ import flax.linen as nn
 from cxr_jax.models.common import (InceptionBackbone, InceptionBlock, Unit,
                                    inception_a, inception_b, inception_c,
                                    inception_grid, max_pool_3x3, reduction_a,
-                                   reduction_b, slim_stem)
+                                   reduction_b, repeat, slim_stem)
 
 BN_EPSILON = 1e-3
 # PyTorch's momentum=0.1 (the new value's weight) is Flax's 0.9.
@@ -112,15 +115,26 @@ class InceptionC(_Block):
 
 # timm's features.0-2: the first three convolutions of Inception V3's stem.
 STEM = slim_stem(("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"))
-# The blocks in order: timm's features.3 ... features.21.
-BLOCKS: Sequence[tuple[str, type[_Block]]] = (
-    ("Mixed_3a", Mixed3a), ("Mixed_4a", Mixed4a), ("Mixed_5a", Mixed5a),
-    *((f"Mixed_5{c}", InceptionA) for c in "bcde"),
-    ("Mixed_6a", ReductionA),
-    *((f"Mixed_6{c}", InceptionB) for c in "bcdefgh"),
-    ("Mixed_7a", ReductionB),
-    *((f"Mixed_7{c}", InceptionC) for c in "bcd"),
+# The stages in order: (module name, block, the upstream's names of the
+# blocks of a scanned group). A group of equal blocks runs as one scanned
+# module (`repeat`) named after its block, its variables stacked in timm's
+# order (`Mixed_5b` is `InceptionA`'s index 0).
+STAGES: Sequence[tuple[str, type[_Block], tuple[str, ...]]] = (
+    ("Mixed_3a", Mixed3a, ()), ("Mixed_4a", Mixed4a, ()),
+    ("Mixed_5a", Mixed5a, ()),
+    ("InceptionA", InceptionA, tuple(f"Mixed_5{c}" for c in "bcde")),
+    ("Mixed_6a", ReductionA, ()),
+    ("InceptionB", InceptionB, tuple(f"Mixed_6{c}" for c in "bcdefgh")),
+    ("Mixed_7a", ReductionB, ()),
+    ("InceptionC", InceptionC, tuple(f"Mixed_7{c}" for c in "bcd")),
 )
+REPEATED: dict[str, tuple[str, ...]] = {
+    name: members for name, _, members in STAGES if members}
+# Every block by the upstream's name, in order: timm's features.3 ...
+# features.21.
+BLOCKS: Sequence[tuple[str, type[_Block]]] = tuple(
+    (member, block) for name, block, members in STAGES
+    for member in members or (name,))
 
 
 def feature_grid(size: int) -> tuple[int, float, float]:
@@ -151,8 +165,10 @@ class InceptionV4(InceptionBackbone):
     x = self.model_input(x, MIN_INPUT_SIZE, "InceptionV4")
     settings = self.layer_settings()
     x = _Block.stem(x, train, STEM, **settings)
-    for name, block in BLOCKS:
-      x = block(name=name, **settings)(x, train)
+    for name, block, members in STAGES:
+      module = block(name=name, **settings)
+      x = repeat(module, x, train, len(members)) if members else module(
+          x, train)
     return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -173,22 +173,80 @@ def check_shapes(path: str, converted: Mapping[str, np.ndarray],
                           "\n  ".join(problems))
 
 
+def _split_group(path: str, repeated: Mapping[str, Sequence[str]]
+                 ) -> tuple[str, str] | None:
+  """(group, rest) when `path` lies in a scanned group, else None."""
+  group, _, rest = path.partition("/")
+  return (group, rest) if group in repeated and rest else None
+
+
+def per_block_shapes(shapes: Shapes, repeated: Mapping[str, Sequence[str]]
+                     ) -> Shapes:
+  """A scanned model's shapes with each group's stacked arrays split into
+  its blocks' (`block35/conv/kernel` of shape (10, ...) becomes
+  `block35_1/conv/kernel` ... `block35_10/conv/kernel`): the upstream's
+  blocks, which converters map and name in their errors."""
+  out = {}
+  for path, shape in shapes.items():
+    split = _split_group(path, repeated)
+    if split is None:
+      out[path] = shape
+      continue
+    group, rest = split
+    members = repeated[group]
+    if shape[:1] != (len(members),):
+      raise ValueError(f"{path}: stacked shape {shape} should lead with "
+                       f"{len(members)}, one per block of {group}")
+    out.update({f"{m}/{rest}": tuple(shape[1:]) for m in members})
+  return out
+
+
+def stack_blocks(flat: Mapping[str, np.ndarray],
+                 repeated: Mapping[str, Sequence[str]]
+                 ) -> dict[str, np.ndarray]:
+  """The inverse of `per_block_shapes` on arrays: each group's blocks'
+  arrays stacked in the group's order under the group's name. Every other
+  path passes through."""
+  member_of = {m: (group, i) for group, members in repeated.items()
+               for i, m in enumerate(members)}
+  out, stacks = {}, {}
+  for path, value in flat.items():
+    block, _, rest = path.partition("/")
+    if block not in member_of or not rest:
+      out[path] = value
+      continue
+    group, i = member_of[block]
+    stacks.setdefault(f"{group}/{rest}", [None] * len(repeated[group]))[i] = (
+        value)
+  for path, arrays in stacks.items():
+    out[path] = np.stack(arrays)  # checked_variables saw every block's
+  return out
+
+
 def checked_variables(path: str, params: Mapping[str, np.ndarray],
                       stats: Mapping[str, np.ndarray],
                       expected: Callable[[int | None], tuple[Shapes, Shapes]],
-                      what: str, stats_what: str | None = None
+                      what: str, stats_what: str | None = None,
+                      repeated: Mapping[str, Sequence[str]] | None = None
                       ) -> tuple[Tree, int | None]:
   """A converter's last step: the variables as float32 trees, and the
   head's class count (None for a file without a head), once every array
   fits `expected(class count)`, the model's (params, batch_stats) shapes.
-  `what` names the model in errors (`stats_what` for the statistics)."""
+  `what` names the model in errors (`stats_what` for the statistics).
+
+  A scanned model (`models.common.repeat`) gives its `repeated` groups: the
+  converter names arrays by the upstream's blocks (`block35_1/...`), they
+  are checked block by block, then stacked into the model's layout."""
   num_classes = (int(params["head/bias"].shape[0]) if "head/bias" in params
                  else None)
   want_params, want_stats = expected(num_classes)
-  check_shapes(path, params, want_params, what)
-  check_shapes(path, stats, want_stats, stats_what or what)
-  cast = lambda flat: unflatten({k: np.asarray(v, np.float32)
-                                 for k, v in flat.items()})
+  repeated = repeated or {}
+  check_shapes(path, params, per_block_shapes(want_params, repeated), what)
+  check_shapes(path, stats, per_block_shapes(want_stats, repeated),
+               stats_what or what)
+  cast = lambda flat: unflatten({
+      k: np.asarray(v, np.float32)
+      for k, v in stack_blocks(flat, repeated).items()})
   return {"params": cast(params), "batch_stats": cast(stats)}, num_classes
 
 

@@ -19,6 +19,9 @@ anonymous (`conv2d_N`, `batch_normalization_N`):
   `batch_normalization_j` the j-th BatchNorm (`KERAS3_BN_ORDER[j]`). The
   per-block orders were read off keras 3.15 and are proven by the parity
   tests.
+
+Arrays are named by Keras' blocks (`block35_1/...`), checked block by
+block, then stacked into the model's scanned groups (`REPEATED`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import os
 import re
 from typing import Any, Sequence
 
-from cxr_jax.models.inception_resnet_v2 import REPEATS, STEM, InceptionResNetV2
+from cxr_jax.models.inception_resnet_v2 import (REPEATED, REPEATS, STEM,
+                                              InceptionResNetV2)
 from cxr_jax.weights.common import (ConversionError, Tree, checked_variables,
                                     expected_variables, fold_keras_conv_bn,
                                     read_keras_layers, sort_keras_layers)
@@ -176,7 +180,8 @@ def convert_keras(path: str, model: str = MODEL
     (_, kernel), (_, bias) = layers[dense[0]]
     params["head/kernel"], params["head/bias"] = kernel, bias
   variables, num_classes = checked_variables(
-      path, params, stats, _expected, f"InceptionResNetV2 ({layout} layout)")
+      path, params, stats, _expected, f"InceptionResNetV2 ({layout} layout)",
+      repeated=REPEATED)
   meta = {"source": "keras", "layout": layout,
           "input": os.path.basename(path), "num_classes": num_classes,
           "model": MODEL, "model_kwargs": {"input_norm": "inception"}}

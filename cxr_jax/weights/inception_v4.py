@@ -29,7 +29,7 @@ import logging
 import os
 from typing import Any, Sequence
 
-from cxr_jax.models.inception_v4 import BLOCKS, STEM, InceptionV4
+from cxr_jax.models.inception_v4 import BLOCKS, REPEATED, STEM, InceptionV4
 from cxr_jax.weights.common import (ConversionError, StateDictReader, Tree,
                                     checked_variables, expected_variables,
                                     load_torch_state_dict)
@@ -106,7 +106,8 @@ def _convert(path: str, source: str, drop_background: bool = False
     params["head/kernel"], params["head/bias"] = kernel, bias
   sd.skip_left_over(log)
   variables, num_classes = checked_variables(
-      path, params, stats, _expected, f"InceptionV4 ({source})")
+      path, params, stats, _expected, f"InceptionV4 ({source})",
+      repeated=REPEATED)
   meta = {"source": source, "input": os.path.basename(path),
           "num_classes": num_classes, "drop_background": drop_background,
           "model": MODEL, "model_kwargs": {"input_norm": "inception"}}
