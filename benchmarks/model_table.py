@@ -36,7 +36,8 @@ AT_299 = ("inception_v3", "inception_v4", "inception_resnet_v2")
 
 
 def cost(name: str, size: int) -> tuple[int, float]:
-  model = models.build(name, num_classes=1000)
+  model = models.build(name, num_classes=1000,
+                       **models.cost_analysis_options(name))
   x = jnp.zeros((1, size, size, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   params = models.count_parameters(variables["params"])

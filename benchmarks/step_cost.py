@@ -78,14 +78,16 @@ def abstract(tree, sharding=None):
 
 def ours(name: str, dtype: str, batch: int, size: int) -> dict[str, dict]:
   """Cost of our train and eval steps for backbone `name`."""
-  from cxr_jax import inference, parallel, train
+  from cxr_jax import inference, models, parallel, train
   from cxr_jax.config import load_config
 
   root = pathlib.Path(__file__).resolve().parents[1]
   c = load_config(str(root / "configs" / "default.py"),
                   [f"batch_size={batch}", f"model.dtype={dtype}",
                    f"model_name={name}", f"image_size={size}",
-                   "transfer=false"])
+                   "transfer=false"] + [
+                       f"model.{k}={v}" for k, v in
+                       models.cost_analysis_options(name).items()])
   trainer = train.Trainer(c, num_devices=1)
   mesh = trainer.backend.mesh
   whole, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)

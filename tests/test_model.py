@@ -1,7 +1,9 @@
-"""InceptionV3's structure: sizes, named features, dtype, parameter counts."""
+"""InceptionV3's structure: sizes, named features, dtype, parameter counts;
+and `models.common.repeat`, which the deep families scan their blocks with."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from benchmarks.receptive_field import mass_radius
 from conftest import random_variables
 from cxr_jax import labels
 from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
+from cxr_jax.models.common import repeat
 from cxr_jax.models.inception_v3 import feature_grid
 
 
@@ -291,3 +294,57 @@ def test_delta_init_narrows_the_effective_receptive_field():
   local = _centre_cell_gradient_radius(
       InceptionV3(num_classes=15, depth_multiplier=0.125, conv_init="delta"))
   assert local < 0.7 * wide, (local, wide)
+
+
+class _Residual(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = nn.BatchNorm(use_running_average=not train)(nn.Dense(x.shape[-1])(x))
+    return x + nn.relu(y)
+
+
+class _Repeated(nn.Module):
+  unroll: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return repeat(_Residual(name="group"), x, train, 3, self.unroll)
+
+
+def _flops(fn, *args) -> float:
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return float((analysis[0] if isinstance(analysis, list) else analysis)
+               ["flops"])
+
+
+def test_repeat_gives_each_block_its_variables_and_unrolls_for_cost():
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  v = _Repeated().init(jax.random.key(0), x)
+  kernel = v["params"]["group"]["Dense_0"]["kernel"]
+  assert kernel.shape == (3, 8, 8)
+  assert v["batch_stats"]["group"]["BatchNorm_0"]["mean"].shape == (3, 8)
+  assert not np.allclose(kernel[0], kernel[1])  # drawn per block
+  # The scan is the blocks applied in order, block i with slice i.
+  block = lambda i: jax.tree_util.tree_map(lambda a: a[i], v)["params"][
+      "group"]
+  stats = lambda i: jax.tree_util.tree_map(lambda a: a[i], v)[
+      "batch_stats"]["group"]
+  for train in (False, True):
+    want, means = x, []
+    for i in range(3):
+      want, new = _Residual().apply(
+          {"params": block(i), "batch_stats": stats(i)}, want, train,
+          mutable=["batch_stats"])
+      means.append(new["batch_stats"]["BatchNorm_0"]["mean"])
+    for unroll in (False, True):
+      got, new = _Repeated(unroll).apply(v, x, train, mutable=["batch_stats"])
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+          new["batch_stats"]["group"]["BatchNorm_0"]["mean"],
+          np.stack(means), rtol=1e-5, atol=1e-6)
+  # Unrolled, XLA's cost analysis counts every block (it counts a loop's
+  # body once): what model_table.py and step_cost.py rely on.
+  one = _flops(lambda p, s, x: _Residual().apply(
+      {"params": p, "batch_stats": s}, x, False), block(0), stats(0), x)
+  unrolled = _flops(lambda v, x: _Repeated(True).apply(v, x), v, x)
+  assert abs(unrolled - 3 * one) <= 0.05 * 3 * one, (unrolled, one)

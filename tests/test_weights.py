@@ -251,3 +251,20 @@ def test_torchvision_errors(tmp_path):
   with pytest.raises(weights.ConversionError,
                      match="missing torchvision key 'Conv2d_1a_3x3.conv.weight'"):
     iv3_weights.convert_torchvision(str(partial))
+
+
+def test_scanned_groups_split_into_blocks_and_stack_back():
+  repeated = {"block35": ("block35_1", "block35_2")}
+  shapes = {"block35/conv/kernel": (2, 1, 1, 4, 4), "head/bias": (15,)}
+  assert weights_common.per_block_shapes(shapes, repeated) == {
+      "block35_1/conv/kernel": (1, 1, 4, 4),
+      "block35_2/conv/kernel": (1, 1, 4, 4), "head/bias": (15,)}
+  flat = {"block35_2/conv/kernel": np.full((1, 1, 4, 4), 2.0),
+          "block35_1/conv/kernel": np.full((1, 1, 4, 4), 1.0),
+          "head/bias": np.zeros(15)}
+  stacked = weights_common.stack_blocks(flat, repeated)
+  assert set(stacked) == {"block35/conv/kernel", "head/bias"}
+  np.testing.assert_array_equal(stacked["block35/conv/kernel"][:, 0, 0, 0, 0],
+                                [1.0, 2.0])  # in the group's order
+  with pytest.raises(ValueError, match="block35/conv/kernel.*lead with 2"):
+    weights_common.per_block_shapes({"block35/conv/kernel": (3, 4)}, repeated)

@@ -54,6 +54,15 @@ def build(name: str, **kwargs) -> nn.Module:
   return constructor(**{**fixed, **kwargs})
 
 
+def cost_analysis_options(name: str) -> dict[str, Any]:
+  """The options of backbone `name` under which XLA's cost analysis counts
+  every layer: it counts a loop's body once, so a family that scans its
+  repeated blocks traces them unrolled (`unroll_blocks`)."""
+  constructor, _ = MODELS[name]
+  fields = getattr(constructor, "__dataclass_fields__", {})
+  return {"unroll_blocks": True} if "unroll_blocks" in fields else {}
+
+
 # Flat keys of configs written before `config.model` existed, and where
 # they live now. `upgrade_config` moves them, so older runs still restore.
 _LEGACY_MODEL_KEYS = ("dtype", "dropout_rate", "bn_momentum", "head_pooling",
@@ -109,4 +118,5 @@ def from_config(config: ml_collections.ConfigDict,
 
 
 __all__ = ["from_config", "upgrade_config", "MODELS", "build", "ModelConfigError", "InceptionV3",
+           "cost_analysis_options",
            "FEATURE_MAP", "MIN_INPUT_SIZE", "count_parameters", "inception_v3"]

@@ -375,17 +375,22 @@ class InceptionBlock(Layer):
     return self.side_by_side(x, train, self.branches())
 
 
-def repeat(block: nn.Module, x, train: bool, times: int):
+def repeat(block: nn.Module, x, train: bool, times: int,
+           unroll: bool = False):
   """`block` applied `times` times in sequence, each time with variables of
   its own, stacked on a leading axis of length `times` under `block`'s name
   (`nn.scan`). XLA then compiles one body, not `times` copies: a deep
   network's training step compiles several times faster. A family names its
   stacked groups' blocks in `REPEATED` (group -> the upstream's names of its
-  blocks, in order), from which converters stack the upstream's arrays."""
+  blocks, in order), from which converters stack the upstream's arrays.
+
+  `unroll` traces every block (same variables, same numbers): XLA's cost
+  analysis counts a loop's body once, so FLOP and byte counts need it."""
   def body(module, carry, _):
     return module(carry, train), None
   scanned = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
-                    split_rngs={"params": True}, length=times)
+                    split_rngs={"params": True}, length=times,
+                    unroll=times if unroll else 1)
   return scanned(block, x, None)[0]
 
 

@@ -162,6 +162,9 @@ class InceptionResNetV2(InceptionBackbone):
   """
 
   bn_momentum: float = BN_MOMENTUM
+  # Trace every repeated block instead of scanning (see `common.repeat`):
+  # the same variables and numbers, for XLA's cost analysis.
+  unroll_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -174,7 +177,7 @@ class InceptionResNetV2(InceptionBackbone):
     for block_type, _, scale in REPEATS:
       x = repeat(ResidualBlock(block_type=block_type, scale=scale,
                                name=block_type, **settings),
-                 x, train, len(REPEATED[block_type]))
+                 x, train, len(REPEATED[block_type]), self.unroll_blocks)
       if block_type in reductions:
         x = reductions[block_type](x, train)
     x = ResidualBlock(block_type="block8", scale=1.0, activation=False,

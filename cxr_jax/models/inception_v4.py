@@ -159,6 +159,9 @@ class InceptionV4(InceptionBackbone):
   """
 
   bn_momentum: float = BN_MOMENTUM
+  # Trace every repeated block instead of scanning (see `common.repeat`):
+  # the same variables and numbers, for XLA's cost analysis.
+  unroll_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -167,8 +170,8 @@ class InceptionV4(InceptionBackbone):
     x = _Block.stem(x, train, STEM, **settings)
     for name, block, members in STAGES:
       module = block(name=name, **settings)
-      x = repeat(module, x, train, len(members)) if members else module(
-          x, train)
+      x = (repeat(module, x, train, len(members), self.unroll_blocks)
+           if members else module(x, train))
     return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
