@@ -148,7 +148,10 @@ def random_variables(model, size: int = 64, seed: int = 0):
   def draw(path, leaf):
     name = path[-1].key
     if name == "kernel":  # fan-in scaled, so activations stay finite
-      return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
+      # A scanned group's conv kernels lead with the block axis (5-d).
+      fan_in = np.prod(leaf.shape[-4:-1] if leaf.ndim >= 4 else
+                       leaf.shape[:-1])
+      return rng.normal(0, fan_in ** -0.5, leaf.shape)
     if name in ("scale", "var"):
       return rng.uniform(0.5, 1.5, leaf.shape)
     return rng.normal(0, 0.1, leaf.shape)  # biases, BatchNorm means

@@ -268,3 +268,13 @@ def test_scanned_groups_split_into_blocks_and_stack_back():
                                 [1.0, 2.0])  # in the group's order
   with pytest.raises(ValueError, match="block35/conv/kernel.*lead with 2"):
     weights_common.per_block_shapes({"block35/conv/kernel": (3, 4)}, repeated)
+  # A group may be nested (a ResNet stage's blocks after its first).
+  nested = {"layer3/repeated": ("layer3/1", "layer3/2")}
+  assert weights_common.per_block_shapes(
+      {"layer3/repeated/conv1/kernel": (2, 3), "layer3/0/conv1/kernel": (3,)},
+      nested) == {"layer3/1/conv1/kernel": (3,), "layer3/2/conv1/kernel": (3,),
+                  "layer3/0/conv1/kernel": (3,)}
+  assert set(weights_common.stack_blocks(
+      {"layer3/1/bn/mean": np.zeros(3), "layer3/2/bn/mean": np.ones(3),
+       "layer3/10/bn/mean": np.ones(3)}, nested)) == {
+           "layer3/repeated/bn/mean", "layer3/10/bn/mean"}

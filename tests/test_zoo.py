@@ -31,11 +31,6 @@ TRAINED_ELSEWHERE = ["inception_v3"]
 FAST = {"vgg16"}
 
 
-def _scans_its_blocks(name: str) -> bool:
-  return hasattr(importlib.import_module(
-      models.MODELS[name][0].__module__), "REPEATED")
-
-
 @pytest.fixture
 def quick_compile(request):
   """XLA's cheapest compile: these steps check plumbing, not numerics, and
@@ -44,7 +39,7 @@ def quick_compile(request):
   already, and a scanned step compiled without optimizations runs about 10x
   slower (Inception V4 at 75 px: 17 s a step against 1.8 s), which costs
   more than it saves."""
-  if _scans_its_blocks(request.node.callspec.params["name"]):
+  if models.scans_blocks(request.node.callspec.params["name"]):
     yield
     return
   with compilation.quick_compile():

@@ -18,7 +18,7 @@ from cxr_jax.models import resnet
 from cxr_jax.models.common import count_parameters
 from cxr_jax.parity import resnet as parity_resnet
 from cxr_jax.weights import resnet as convert
-from cxr_jax.weights.common import ConversionError, flatten
+from cxr_jax.weights.common import ConversionError, flatten, per_block_shapes
 
 BAR = 1e-4  # max abs error on logits, float32
 MAP_BAR = 1e-3  # the layer4 map is larger than the logits; same precision
@@ -65,16 +65,26 @@ def test_parameter_counts_match_both_upstreams(name):
   assert count_parameters(tv_vars["params"]) == TORCHVISION_COUNTS[name]
 
 
+def _blocks(model, size=64) -> dict:
+  """Parameter shapes by torchvision's block paths: the scanned groups
+  split into their blocks."""
+  return per_block_shapes(
+      {k: v.shape for k, v in flatten(shapes(model, size)["params"]).items()},
+      resnet.REPEATED[model.depth])
+
+
 def test_module_names_are_torchvisions():
-  flat = flatten(shapes(build("resnet50"), 64)["params"])
+  flat = _blocks(build("resnet50"))
   for key in ("conv1/kernel", "bn1/scale", "layer1/0/conv1/kernel",
               "layer1/0/downsample/conv/kernel", "layer1/0/downsample/bn/bias",
               "layer4/2/bn3/scale", "head/kernel"):
     assert key in flat, key
   assert "layer1/1/downsample/conv/kernel" not in flat
   assert "conv1/bias" not in flat  # torchvision: no convolution biases
-  keras_flat = flatten(shapes(build("resnet50", variant="keras"), 64)["params"])
-  assert "layer3/5/conv2/bias" in keras_flat
+  assert "layer3/5/conv2/bias" in _blocks(build("resnet50", variant="keras"))
+  # Blocks 1.. of a stage are one scanned group, stacked in order.
+  stacked = flatten(shapes(build("resnet152"), 64)["params"])
+  assert stacked["layer3/repeated/conv2/kernel"].shape == (35, 3, 3, 256, 256)
 
 
 @pytest.mark.parametrize("variant", ["keras", "torchvision"])
@@ -153,7 +163,12 @@ def batch_norms(model, train):
 def test_batch_norms_take_the_variants_momentum_and_epsilon(
     variant, momentum, epsilon):
   seen = batch_norms(build("resnet50", variant=variant), train=True)
-  assert len(seen) == 53  # one per convolution
+  # One per convolution of the stem and each stage's first block, and one
+  # per convolution of the body of each stage's scanned group (which Flax
+  # may trace more than once); split into blocks, ResNet-50's 53.
+  assert len({s[0] for s in seen}) == 1 + 4 * (4 + 3)
+  assert sum(k.endswith("/scale") and "bn" in k.split("/")[-2] for k in
+             _blocks(build("resnet50", variant=variant))) == 53
   assert {s[1:] for s in seen} == {(momentum, epsilon, None, False)}
   seen = batch_norms(build("resnet50", variant=variant, bn_momentum=0.5,
                            bn_axis_name="batch"), train=True)
@@ -338,7 +353,7 @@ def test_converted_1000_class_file_loads_under_a_15_output_head(
                                     dont_load=[r"^params/head/"])
   assert merged["params"]["head"]["kernel"].shape == (2048, 15)
   np.testing.assert_array_equal(
-      merged["batch_stats"]["layer4"]["2"]["bn3"]["var"],
+      merged["batch_stats"]["layer4"]["repeated"]["bn3"]["var"][1],
       torch50[0].state_dict()["layer4.2.bn3.running_var"].numpy())
 
 

@@ -54,13 +54,18 @@ def build(name: str, **kwargs) -> nn.Module:
   return constructor(**{**fixed, **kwargs})
 
 
+def scans_blocks(name: str) -> bool:
+  """Whether backbone `name` scans its repeated blocks
+  (`models.common.repeat`; such a family has `unroll_blocks`)."""
+  constructor, _ = MODELS[name]
+  return "unroll_blocks" in getattr(constructor, "__dataclass_fields__", {})
+
+
 def cost_analysis_options(name: str) -> dict[str, Any]:
   """The options of backbone `name` under which XLA's cost analysis counts
   every layer: it counts a loop's body once, so a family that scans its
   repeated blocks traces them unrolled (`unroll_blocks`)."""
-  constructor, _ = MODELS[name]
-  fields = getattr(constructor, "__dataclass_fields__", {})
-  return {"unroll_blocks": True} if "unroll_blocks" in fields else {}
+  return {"unroll_blocks": True} if scans_blocks(name) else {}
 
 
 # Flat keys of configs written before `config.model` existed, and where
@@ -118,5 +123,5 @@ def from_config(config: ml_collections.ConfigDict,
 
 
 __all__ = ["from_config", "upgrade_config", "MODELS", "build", "ModelConfigError", "InceptionV3",
-           "cost_analysis_options",
+           "cost_analysis_options", "scans_blocks",
            "FEATURE_MAP", "MIN_INPUT_SIZE", "count_parameters", "inception_v3"]

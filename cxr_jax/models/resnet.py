@@ -20,7 +20,10 @@ maximum, but each variant does what its upstream does.
 
 Module names follow torchvision's (`conv1`, `bn1`, `layer1/0/conv1`,
 `layer1/0/downsample/conv`, ...); `cxr_jax.weights.resnet` maps Keras'
-`conv2_block1_1_conv` names onto them.
+`conv2_block1_1_conv` names onto them. A stage's blocks after its first are
+equal and scanned (`models.common.repeat`): `layer3/repeated/conv1/kernel`
+stacks torchvision's `layer3.1` ... `layer3.22` (ResNet-101) on its leading
+axis (see `REPEATED`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxr_jax.models.common import (Backbone, Layer, batch_norm, grid_geometry,
-                                   lookup)
+                                   lookup, repeat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,14 @@ STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
+# Each stage's blocks after its first (the projection block) run as one
+# scanned group: group path -> the blocks' paths, by depth.
+GROUP = "repeated"
+REPEATED: dict[int, dict[str, tuple[str, ...]]] = {
+    depth: {f"layer{s + 1}/{GROUP}": tuple(f"layer{s + 1}/{b}"
+                                             for b in range(1, blocks))
+            for s, blocks in enumerate(stages)}
+    for depth, stages in STAGE_BLOCKS.items()}
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = 4
 # Keras' obtain_input_shape floor for these applications (min_size=32): the
@@ -144,20 +155,22 @@ class Bottleneck(_Block):
 
 
 class ResLayer(_Block):
-  """One stage (torchvision's `layerN`): blocks named "0", "1", ...; the
-  first has the projection shortcut and the stage's stride."""
+  """One stage (torchvision's `layerN`): block "0" has the projection
+  shortcut and the stage's stride; the `blocks - 1` equal ones after it run
+  as one scanned group named `GROUP`."""
 
   planes: int = 64
   blocks: int = 3
   stride: int = 1
+  unroll: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    for i in range(self.blocks):
-      x = Bottleneck(planes=self.planes, stride=self.stride if i == 0 else 1,
-                     downsample=i == 0, name=str(i),
-                     **self.settings())(x, train)
-    return x
+    x = Bottleneck(planes=self.planes, stride=self.stride, downsample=True,
+                   name="0", **self.settings())(x, train)
+    return repeat(Bottleneck(planes=self.planes, name=GROUP,
+                             **self.settings()),
+                  x, train, self.blocks - 1, self.unroll)
 
 
 def feature_grid(size: int, variant: str = "torchvision"
@@ -197,6 +210,9 @@ class ResNet(Backbone):
 
   depth: int = 50
   variant: str = "torchvision"
+  # Trace every repeated block instead of scanning (see `common.repeat`):
+  # the same variables and numbers, for XLA's cost analysis.
+  unroll_blocks: bool = False
   VARIANTS = VARIANTS
 
   @nn.compact
@@ -217,7 +233,8 @@ class ResNet(Backbone):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, (planes, blocks) in enumerate(zip(STAGE_PLANES, stages)):
       x = ResLayer(planes=planes, blocks=blocks, stride=1 if i == 0 else 2,
-                   name=f"layer{i + 1}", **settings)(x, train)
+                   unroll=self.unroll_blocks, name=f"layer{i + 1}",
+                   **settings)(x, train)
     return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:

@@ -173,11 +173,16 @@ def check_shapes(path: str, converted: Mapping[str, np.ndarray],
                           "\n  ".join(problems))
 
 
-def _split_group(path: str, repeated: Mapping[str, Sequence[str]]
-                 ) -> tuple[str, str] | None:
-  """(group, rest) when `path` lies in a scanned group, else None."""
-  group, _, rest = path.partition("/")
-  return (group, rest) if group in repeated and rest else None
+def _prefix_in(path: str, names) -> tuple[str, str] | None:
+  """(name, rest) for the name in `names` that `path` lies under
+  (`path == name + "/" + rest`), else None. Names may hold '/'
+  (`layer3/1`)."""
+  parts = path.split("/")
+  for k in range(1, len(parts)):
+    head = "/".join(parts[:k])
+    if head in names:
+      return head, "/".join(parts[k:])
+  return None
 
 
 def per_block_shapes(shapes: Shapes, repeated: Mapping[str, Sequence[str]]
@@ -185,10 +190,11 @@ def per_block_shapes(shapes: Shapes, repeated: Mapping[str, Sequence[str]]
   """A scanned model's shapes with each group's stacked arrays split into
   its blocks' (`block35/conv/kernel` of shape (10, ...) becomes
   `block35_1/conv/kernel` ... `block35_10/conv/kernel`): the upstream's
-  blocks, which converters map and name in their errors."""
+  blocks, which converters map and name in their errors. `repeated` maps
+  a group's module path to its blocks' paths, in order."""
   out = {}
   for path, shape in shapes.items():
-    split = _split_group(path, repeated)
+    split = _prefix_in(path, repeated)
     if split is None:
       out[path] = shape
       continue
@@ -211,11 +217,11 @@ def stack_blocks(flat: Mapping[str, np.ndarray],
                for i, m in enumerate(members)}
   out, stacks = {}, {}
   for path, value in flat.items():
-    block, _, rest = path.partition("/")
-    if block not in member_of or not rest:
+    split = _prefix_in(path, member_of)
+    if split is None:
       out[path] = value
       continue
-    group, i = member_of[block]
+    (group, i), rest = member_of[split[0]], split[1]
     stacks.setdefault(f"{group}/{rest}", [None] * len(repeated[group]))[i] = (
         value)
   for path, arrays in stacks.items():

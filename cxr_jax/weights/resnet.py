@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cxr_jax.models.resnet import MODELS as _MODELS
-from cxr_jax.models.resnet import STAGE_BLOCKS, VARIANTS, ResNet
+from cxr_jax.models.resnet import REPEATED, STAGE_BLOCKS, VARIANTS, ResNet
 from cxr_jax.weights.common import (ConversionError, Shapes,
                                     StateDictReader, Tree, checked_variables,
                                     creation_rank, expected_variables,
@@ -101,7 +101,8 @@ def _finish(path: str, model: str, variant: str, params: dict, stats: dict
   """Checked float32 variables and the head's class count (None: no head)."""
   return checked_variables(
       path, params, stats, functools.partial(_expected, model, variant),
-      f"{model} (variant {variant!r})")
+      f"{model} (variant {variant!r})",
+      repeated=REPEATED[_MODELS[model][1]["depth"]])
 
 
 def _meta(source: str, path: str, model: str, variant: str,
