@@ -15,6 +15,7 @@ from the step before it, saying so.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ def _best_metric(metrics) -> float:
   return float(metrics[METRIC])
 
 
+@functools.cache  # one registration per process (after jax.distributed)
 def _write_replicated_arrays_from_one_replica() -> None:
   """On CPU and TPU, Orbax by default writes a replicated array
   cooperatively, each replica a slice, and cuts every slice with an eager

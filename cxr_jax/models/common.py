@@ -380,7 +380,8 @@ def repeat(block: nn.Module, x, train: bool, times: int,
   """`block` applied `times` times in sequence, each time with variables of
   its own, stacked on a leading axis of length `times` under `block`'s name
   (`nn.scan`). XLA then compiles one body, not `times` copies: a deep
-  network's training step compiles several times faster. A family names its
+  network's training step compiles faster, though on CPU it steps slower
+  (benchmarks/RESULTS.md). A family names its
   stacked groups' blocks in `REPEATED` (group -> the upstream's names of its
   blocks, in order), from which converters stack the upstream's arrays.
 

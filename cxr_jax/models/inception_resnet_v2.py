@@ -163,7 +163,8 @@ class InceptionResNetV2(InceptionBackbone):
 
   bn_momentum: float = BN_MOMENTUM
   # Trace every repeated block instead of scanning (see `common.repeat`):
-  # the same variables and numbers, for XLA's cost analysis.
+  # the same variables and numbers, a longer compile and a faster step;
+  # XLA's cost analysis needs it.
   unroll_blocks: bool = False
 
   @nn.compact

@@ -211,7 +211,8 @@ class ResNet(Backbone):
   depth: int = 50
   variant: str = "torchvision"
   # Trace every repeated block instead of scanning (see `common.repeat`):
-  # the same variables and numbers, for XLA's cost analysis.
+  # the same variables and numbers, a longer compile and a faster step;
+  # XLA's cost analysis needs it.
   unroll_blocks: bool = False
   VARIANTS = VARIANTS
 
