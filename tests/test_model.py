@@ -13,7 +13,7 @@ from benchmarks.receptive_field import mass_radius
 from conftest import random_variables
 from cxr_jax import labels
 from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
-from cxr_jax.models.common import repeat
+from cxr_jax.models.common import max_pool, repeat
 from cxr_jax.models.inception_v3 import feature_grid
 
 
@@ -349,3 +349,31 @@ def test_repeat_gives_each_block_its_variables_and_unrolls_for_cost():
       {"params": p, "batch_stats": s}, x, False), block(0), stats(0), x)
   unrolled = _flops(lambda v, x: _Repeated(True).apply(v, x), v, x)
   assert abs(unrolled - 3 * one) <= 0.05 * 3 * one, (unrolled, one)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 9, 9, 3), (3, 3), (2, 2), "VALID"),   # Inception stems, reductions
+    ((2, 10, 11, 3), (3, 3), (2, 2), "SAME"),  # TF-slim's, even and odd
+    ((1, 12, 12, 2), (3, 3), (2, 2), ((1, 1), (1, 1))),  # torchvision stems
+    ((1, 12, 12, 2), (3, 3), (2, 2), ((0, 1), (0, 1))),  # Caffe's ceil mode
+    ((2, 8, 8, 2), (2, 2), (2, 2), "VALID"),   # VGG
+    ((1, 7, 7, 2), (3, 3), (1, 1), ((1, 1), (1, 1)))])  # BN-Inception
+def test_max_pool_is_flax_max_pool_in_value_and_gradient(shape, window,
+                                                         strides, padding):
+  """Values from {0, 1, 2}: most windows hold ties, where only the first
+  maximum (row-major) may take the gradient, as XLA's select-and-scatter
+  gives it. Integer cotangents make every sum exact, so equal is equal."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 3, shape), jnp.float32)
+  ref = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
+  ours = lambda x: max_pool(x, window, strides, padding)
+  want, ref_vjp = jax.vjp(ref, x)
+  got, our_vjp = jax.vjp(ours, x)
+  np.testing.assert_array_equal(got, want)
+  g = jnp.asarray(rng.integers(-3, 4, want.shape), jnp.float32)
+  np.testing.assert_array_equal(our_vjp(g)[0], ref_vjp(g)[0])
+  # Under jit, in bfloat16, as training runs it.
+  xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(
+      jax.jit(lambda x: jax.vjp(ours, x)[1](gb)[0])(xb),
+      jax.vjp(ref, xb)[1](gb)[0])

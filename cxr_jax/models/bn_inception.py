@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cxr_jax.models import common
 from cxr_jax.models.common import (Backbone, ConvBN, Layer, grid_geometry,
                                    lookup)
 
@@ -160,8 +161,8 @@ def max_pool(x, kernel: int, stride: int, padding, ceil_mode: bool = False):
   (_, bh, ah), (_, bw, aw) = (
       window_geometry(n, kernel, stride, padding, ceil_mode)
       for n in x.shape[1:3])
-  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride),
-                     padding=((bh, ah), (bw, aw)))
+  return common.max_pool(x, (kernel, kernel), (stride, stride),
+                         ((bh, ah), (bw, aw)))
 
 
 def _pool_counts(size: int, kernel: int, stride: int, padding,

@@ -191,9 +191,86 @@ class Unit:
   padding: str = "SAME"
 
 
+def max_pool(x, window: Sequence[int], strides: Sequence[int],
+             padding: str | Sequence[tuple[int, int]] = "VALID"):
+  """Max pooling over NHWC `x`, as `flax.linen.max_pool` computes it (padding
+  counts as -inf), with the same gradient: each window's first maximum, in
+  row-major order, takes the window's whole gradient.
+
+  Why not `nn.max_pool`: its gradient is XLA's select-and-scatter, which the
+  CPU backend expands into an iota of the input's shape, a variadic
+  reduce-window over (value, index) pairs and a scatter, a large share of a
+  CPU training step (benchmarks/RESULTS.md). Here the forward is the
+  elementwise maximum of the window's strided slices, and the gradient is
+  one compare-and-select per window position, each placed back by an
+  interior-padded `lax.pad`: elementwise work that XLA fuses on any backend.
+  """
+  window, strides = tuple(window), tuple(strides)
+  if isinstance(padding, str):
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+  else:
+    pads = padding
+  return _max_pool(x, window, strides, tuple(tuple(p) for p in pads))
+
+
+def _window_slices(xp, window, strides, out_hw):
+  """The window positions' strided views of the padded input, row-major."""
+  (kh, kw), (sh, sw), (oh, ow) = window, strides, out_hw
+  b, _, _, c = xp.shape
+  for i in range(kh):
+    for j in range(kw):
+      yield (i, j), jax.lax.slice(
+          xp, (0, i, j, 0), (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+          (1, sh, sw, 1))
+
+
+def _pool_forward(x, window, strides, pads):
+  low = jnp.array(-jnp.inf, x.dtype)
+  xp = jax.lax.pad(x, low, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0),
+                            (0, 0, 0)))
+  out_hw = tuple((xp.shape[1 + a] - window[a]) // strides[a] + 1
+                 for a in range(2))
+  out = functools.reduce(jnp.maximum, (
+      s for _, s in _window_slices(xp, window, strides, out_hw)))
+  return out, xp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+  return _pool_forward(x, window, strides, pads)[0]
+
+
+def _max_pool_fwd(x, window, strides, pads):
+  out, xp = _pool_forward(x, window, strides, pads)
+  return out, (xp, out)
+
+
+def _max_pool_bwd(window, strides, pads, residuals, g):
+  xp, out = residuals
+  (sh, sw), (oh, ow) = strides, out.shape[1:3]
+  hp, wp = xp.shape[1:3]
+  taken = jnp.zeros(out.shape, bool)
+  grad = jnp.zeros(xp.shape, g.dtype)
+  zero = jnp.array(0, g.dtype)
+  for (i, j), s in _window_slices(xp, window, strides, (oh, ow)):
+    first = (s == out) & ~taken
+    taken = taken | first
+    # Back to the padded input's grid: offset (i, j), stride-1 zeros between.
+    grad = grad + jax.lax.pad(
+        jnp.where(first, g, zero), zero,
+        ((0, 0, 0), (i, hp - i - (oh - 1) * sh - 1, sh - 1),
+         (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  (top, _), (left, _) = pads
+  h, w = hp - sum(pads[0]), wp - sum(pads[1])
+  return (grad[:, top:top + h, left:left + w, :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def max_pool_3x3(x, stride: int = 2):
   """The Inception stems' and reductions' 3x3 'VALID' max pool."""
-  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding="VALID")
+  return max_pool(x, (3, 3), (stride, stride), "VALID")
 
 
 StemRow = tuple[str, int, tuple[int, int], tuple[int, int], str]

@@ -33,7 +33,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxr_jax.models.common import Backbone, Layer, grid_geometry, lookup
+from cxr_jax.models.common import (Backbone, Layer, grid_geometry, lookup,
+                                   max_pool)
 
 # depth -> layers per dense block (torchvision's block_config).
 BLOCK_CONFIGS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32),
@@ -125,7 +126,7 @@ class DenseNetFeatures(_Norm):
     common = self.settings()
     x = self.conv(NUM_INIT_FEATURES, 7, "conv0", strides=2, padding=3)(x)
     x = nn.relu(self.norm("norm0", train)(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for b, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers=num_layers, growth_rate=self.growth_rate,
                      name=f"denseblock{b + 1}", **common)(x, train)

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxr_jax.models.common import (Backbone, Layer, batch_norm, grid_geometry,
-                                   lookup, repeat)
+                                   lookup, max_pool, repeat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +229,9 @@ class ResNet(Backbone):
                            name="bn1")(x))
     if v.zero_pad_pool:  # Keras: ZeroPadding2D(1), then a 'valid' pool
       x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+      x = max_pool(x, (3, 3), (2, 2), "VALID")
     else:  # torchvision: MaxPool2d(3, 2, padding=1) pads with -inf
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for i, (planes, blocks) in enumerate(zip(STAGE_PLANES, stages)):
       x = ResLayer(planes=planes, blocks=blocks, stride=1 if i == 0 else 2,
                    unroll=self.unroll_blocks, name=f"layer{i + 1}",

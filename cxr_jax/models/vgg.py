@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from cxr_jax.models.common import Backbone, grid_geometry, lookup
+from cxr_jax.models.common import Backbone, grid_geometry, lookup, max_pool
 
 # depth -> convolutions per block; block b has WIDTHS[b] channels.
 BLOCK_CONFIGS = {16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
@@ -74,7 +74,7 @@ class VGG(Backbone):
         x = nn.Conv(WIDTHS[b], (3, 3), padding=((1, 1), (1, 1)),
                     dtype=self.dtype, name=f"block{b + 1}_conv{i + 1}")(x)
         x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      x = max_pool(x, (2, 2), (2, 2), "VALID")
     return self.outputs(x, {FEATURE_MAP: x}, train, return_features)
 
   def feature_grid(self, size: int) -> tuple[int, float, float]:
