@@ -59,6 +59,12 @@ def create_train_state(config, model, rng) -> TrainState:
     raise ValueError("this experiment trains from ImageNet weights: set "
                      "--config.init_weights=FILE (cxr-jax convert-weights), "
                      "or --config.transfer=false to train from scratch (NT)")
+  return state_from_variables(config, model, variables)
+
+
+def state_from_variables(config, model, variables) -> TrainState:
+  """The step-0 state of `variables` ({'params', 'batch_stats'}): a fresh
+  optimizer of the config's kind, no non-finite steps yet."""
   return TrainState.create(
       apply_fn=model.apply, params=variables["params"],
       batch_stats=variables.get("batch_stats", {}),

@@ -162,10 +162,16 @@ def random_variables(model, size: int = 64, seed: int = 0):
       lambda p, leaf: draw(p, leaf).astype(leaf.dtype), shapes)
 
 
-def run_steps(config, num_devices, batches, model_fn=small_model):
-  """(losses, parameter updates, batch stats) after training on `batches`."""
+def run_steps(config, num_devices, batches, model_fn=small_model,
+              variables=None):
+  """(losses, parameter updates, batch stats) after training on `batches`,
+  from `variables` if given (no compiled init), else from the model's init."""
   trainer = train.Trainer(config, num_devices=num_devices, model_fn=model_fn)
-  state = trainer.init_state(jax.random.key(0))
+  if variables is None:
+    state = trainer.init_state(jax.random.key(0))
+  else:
+    state = trainer.backend.put_state(train.state_from_variables(
+        config, trainer.eval_model, variables))
   init = jax.device_get(state.params)
   losses = []
   for b in batches:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.receptive_field import mass_radius
-from conftest import random_variables
+from conftest import SmallNet, random_variables
 from cxr_jax import labels
 from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
 from cxr_jax.models.common import max_pool, repeat
@@ -177,7 +177,6 @@ def test_the_shared_head_drops_out_in_training_only():
   """Every backbone's head (`common.classifier_head`), on the small network
   that uses it: dropout follows the key in training and is off at
   inference."""
-  from conftest import SmallNet
   model = SmallNet(dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 33, 33, 3))
   variables = _init(model, x)
@@ -377,3 +376,28 @@ def test_max_pool_is_flax_max_pool_in_value_and_gradient(shape, window,
   np.testing.assert_array_equal(
       jax.jit(lambda x: jax.vjp(ours, x)[1](gb)[0])(xb),
       jax.vjp(ref, xb)[1](gb)[0])
+
+
+@pytest.mark.parametrize("pooling", ["lse", "avg"])
+def test_bfloat16_backbone_feeds_a_float32_head(pooling):
+  """The class maps and logits are the float32 head on the bf16 feature map:
+  bf16 rounding of the cells' scores would coarsen LSE's weights and CAM."""
+  model = SmallNet(dtype=jnp.bfloat16, head_pooling=pooling)
+  x = jax.random.uniform(jax.random.key(1), (2, 75, 75, 3), minval=-1,
+                         maxval=1)
+  variables = model.init(jax.random.key(0), x)
+  logits, out = model.apply(variables, x, return_features=True)
+  features = out["feature_map"]
+  assert features.dtype == jnp.bfloat16
+  head = variables["params"]["head"]
+  maps = jnp.einsum("bhwk,kc->bhwc", features.astype(jnp.float32),
+                    head["kernel"],
+                    precision=jax.lax.Precision.HIGHEST) + head["bias"]
+  assert out["class_maps"].dtype == logits.dtype == jnp.float32
+  np.testing.assert_allclose(out["class_maps"], maps, rtol=1e-6, atol=1e-6)
+  # And not what bf16 arithmetic would give: the test can tell them apart.
+  assert np.abs(np.asarray(maps.astype(jnp.bfloat16).astype(jnp.float32))
+                - np.asarray(maps)).max() > 1e-3
+  if pooling == "avg":
+    np.testing.assert_allclose(logits, maps.mean(axis=(1, 2)), rtol=1e-5,
+                               atol=1e-6)
