@@ -16,12 +16,8 @@ step short, like an accelerator's, so that any time the loop spends
 waiting on the host shows. The windows that follow a checkpoint save are
 reported apart: an asynchronous save must not slow them down.
 
-On a CPU, `--device_cores 1` gives XLA one core and the host's Python
-(loop, loader, checkpoint writers) the others, as an accelerator host has
-them; without it both fight for the same cores.
-
     python benchmarks/loop.py [--steps 120] [--batch 16] [--nonfinite stop]
-        [--reps 1] [--device_cores 0] [--json out.json]
+        [--reps 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,39 +35,6 @@ import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def split_cores(device_cores: int) -> str:
-  """Makes this CPU look like an accelerator host: XLA's threads compute on
-  the first `device_cores` cores, Python (the loop, Grain's readers, Orbax's
-  writers) runs on the others. Without it the loader's decoding takes cycles
-  from the step itself, which never happens on an accelerator.
-
-  A small jitted convolution and its gradient first make XLA start its
-  thread pools; every thread then alive but the main one is XLA's and goes
-  to the device cores. The main thread goes to the host cores, and threads
-  it starts later inherit them. Both sides of the comparison (bare step and
-  loop) run under the same split."""
-  import threading
-  import jax.numpy as jnp
-  from jax import lax
-  cores = sorted(os.sched_getaffinity(0))
-  if not 0 < device_cores < len(cores):
-    raise SystemExit(f"--device_cores must leave a core to the host: "
-                     f"{device_cores} of {len(cores)}")
-  device, host = set(cores[:device_cores]), set(cores[device_cores:])
-  conv = lambda x, k: lax.conv_general_dilated(
-      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()
-  jax.block_until_ready(jax.jit(jax.grad(conv, argnums=(0, 1)))(
-      jnp.ones((8, 32, 32, 8)), jnp.ones((3, 3, 8, 8))))
-  main, pinned = threading.get_native_id(), 0
-  for tid in map(int, os.listdir("/proc/self/task")):
-    if tid != main:
-      os.sched_setaffinity(tid, device)
-      pinned += 1
-  os.sched_setaffinity(0, host)
-  return (f"{pinned} XLA threads on cores {sorted(device)}, Python on "
-          f"{sorted(host)}")
 
 
 def prepared_dataset(root: pathlib.Path, image_size: int,
@@ -173,12 +136,8 @@ def main():
   parser.add_argument("--nonfinite", default="stop", choices=["stop", "skip"])
   parser.add_argument("--loader_threads", type=int, default=2)
   parser.add_argument("--reps", type=int, default=1)
-  parser.add_argument("--device_cores", type=int, default=0,
-                      help="pin XLA's threads to this many cores and Python "
-                      "to the rest (an accelerator host's split); 0: off")
   parser.add_argument("--json")
   args = parser.parse_args()
-  cores = split_cores(args.device_cores) if args.device_cores else "shared"
 
   from cxr_jax.config import load_config
   with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +177,7 @@ def main():
   print(f"loop vs bare step: InceptionV3 x{args.depth_multiplier} at "
         f"{args.image_size}px, global batch {args.batch}, {device}, "
         f"jax {jax.__version__}, {os.cpu_count()} host cores, "
-        f"nonfinite={args.nonfinite}, cores: {cores}")
+        f"nonfinite={args.nonfinite}")
   for r in runs:
     b, l = r["bare"], r["loop"]
     print(f"  bare {b['images_per_s']:.1f} img/s ({b['step_ms']:.1f} ms/step,"
@@ -236,7 +195,7 @@ def main():
         f"{ratio_without_saves:.3f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"device": device, "jax": jax.__version__, "cores": cores,
+      json.dump({"device": device, "jax": jax.__version__,
                  "args": vars(args), "runs": runs, "ratio": ratio,
                  "ratio_to_fed": ratio_to_fed,
                  "ratio_without_saves": ratio_without_saves}, f,
