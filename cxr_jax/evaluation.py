@@ -153,8 +153,12 @@ def write_results(out_dir: str, names, probs, labels, *, split: str,
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(PREDICTION_COLUMNS)
+    # Nine significant digits give back the float32 exactly: six decimals
+    # made confident negatives (1e-7 and 3e-7) tie at 0.000000, so an AUC
+    # or DeLong test computed from this file (`compare`) differed from
+    # metrics.json's.
     for name, p, y in zip(names, probs, labels):
-      w.writerow([name] + [f"{v:.6f}" for v in p] + [int(v) for v in y])
+      w.writerow([name] + [f"{v:.9g}" for v in p] + [int(v) for v in y])
   plot_roc(labels, probs, os.path.join(out_dir, "roc.png"),
            f"{split} split, step {step}")
   result = {

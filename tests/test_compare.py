@@ -128,3 +128,25 @@ def test_paper_rows_print_beside_the_measured_columns(runs, tmp_path):
   assert hernia.endswith("| 0.8728 |")
   mean = next(l for l in lines if l.startswith("| **AUC(Mean)**"))
   assert mean.endswith("| 0.8325 |")
+
+
+def test_predictions_csv_keeps_the_ranking_of_confident_scores(tmp_path):
+  """A trained model's negatives sit at 1e-7 and below: the file must give
+  back each float32 exactly, or `compare` ranks ties that `evaluate` did
+  not see and the two disagree on the AUC."""
+  rng = np.random.default_rng(1)
+  y = _labels(rng, 200)
+  probs = _scores(rng, y, 1.0).astype(np.float32)
+  probs[y == 0] = (10 ** rng.uniform(-9, -6, int((y == 0).sum()))).astype(
+      np.float32)
+  names = [f"{i:05d}.png" for i in range(len(y))]
+  result = _write(tmp_path / "p", names, probs, y)
+  with open(tmp_path / "p" / "predictions.csv") as f:
+    rows = list(csv.reader(f))[1:]
+  back = np.array([[float(v) for v in r[1:1 + L.NUM_DISEASES]] for r in rows],
+                  np.float32)
+  np.testing.assert_array_equal(back, probs)
+  # The AUC from the file is the AUC evaluate reported.
+  for c, d in enumerate(L.DISEASES):
+    assert result["auc"][d] == pytest.approx(
+        roc_auc_score(y[:, c], back[:, c]), abs=1e-12)

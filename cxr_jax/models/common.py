@@ -256,16 +256,22 @@ def _max_pool_bwd(window, strides, pads, residuals, g):
   (sh, sw), (oh, ow) = strides, out.shape[1:3]
   hp, wp = xp.shape[1:3]
   taken = jnp.zeros(out.shape, bool)
-  grad = jnp.zeros(xp.shape, g.dtype)
   zero = jnp.array(0, g.dtype)
+  parts = []
   for (i, j), s in _window_slices(xp, window, strides, (oh, ow)):
     first = (s == out) & ~taken
     taken = taken | first
     # Back to the padded input's grid: offset (i, j), stride-1 zeros between.
-    grad = grad + jax.lax.pad(
+    parts.append(jax.lax.pad(
         jnp.where(first, g, zero), zero,
         ((0, 0, 0), (i, hp - i - (oh - 1) * sh - 1, sh - 1),
-         (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+         (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0))))
+  # Summed in the order of the windows (the last offset is the earliest
+  # window over a cell), as select-and-scatter adds them: the same float
+  # rounding where windows overlap, so training follows the same trajectory.
+  grad = jnp.zeros(xp.shape, g.dtype)
+  for part in reversed(parts):
+    grad = grad + part
   (top, _), (left, _) = pads
   h, w = hp - sum(pads[0]), wp - sum(pads[1])
   return (grad[:, top:top + h, left:left + w, :],)
