@@ -225,9 +225,8 @@ def _window_slices(xp, window, strides, out_hw):
   b, _, _, c = xp.shape
   for i in range(kh):
     for j in range(kw):
-      yield (i, j), jax.lax.slice(
-          xp, (0, i, j, 0), (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
-          (1, sh, sw, 1))
+      end = (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c)
+      yield (i, j), jax.lax.slice(xp, (0, i, j, 0), end, (1, sh, sw, 1))
 
 
 def _pool_forward(x, window, strides, pads):
@@ -268,7 +267,8 @@ def _max_pool_bwd(window, strides, pads, residuals, g):
          (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0))))
   # Summed in the order of the windows (the last offset is the earliest
   # window over a cell), as select-and-scatter adds them: the same float
-  # rounding where windows overlap, so training follows the same trajectory.
+  # rounding where windows overlap. The short demo's CAM figures move with
+  # such last-bit differences (benchmarks/RESULTS.md).
   grad = jnp.zeros(xp.shape, g.dtype)
   for part in reversed(parts):
     grad = grad + part
