@@ -86,9 +86,11 @@ def test_compare_tables_trials_delong_and_chart(runs, tmp_path):
   assert len(result["delong"]) == L.NUM_DISEASES
   for t in result["delong"]:
     c = L.DISEASES.index(t["class"])
-    # predictions.csv keeps 6 decimals: the reference sees the same scores.
-    ref = metrics.delong_test(y[:, c], np.round(good[:, c], 6),
-                              np.round(poor[:, c], 6))
+    # predictions.csv keeps 9 significant digits (a float32 exactly; these
+    # scores are float64): the reference sees the scores as written.
+    written = lambda p: np.array([float(f"{v:.9g}") for v in p])
+    ref = metrics.delong_test(y[:, c], written(good[:, c]),
+                              written(poor[:, c]))
     assert t["z"] == pytest.approx(ref.z, rel=1e-6)
     assert t["p_value"] == pytest.approx(ref.p_value, rel=1e-6, abs=1e-300)
   with open(out / "bar.png", "rb") as f:
