@@ -157,6 +157,11 @@ class Trainer:
     return self.backend.put_state(
         create_train_state(self.config, self.eval_model, rng))
 
+  def state_from_variables(self, variables) -> TrainState:
+    """The step-0 state of given variables, placed as `init_state`'s is."""
+    return self.backend.put_state(
+        state_from_variables(self.config, self.eval_model, variables))
+
   def train(self, state: TrainState, local_batch) -> tuple[TrainState, dict]:
     """One step on this process's share of a batch (placed here)."""
     return self.step(state, self.backend.put_batch(local_batch))

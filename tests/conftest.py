@@ -170,8 +170,7 @@ def run_steps(config, num_devices, batches, model_fn=small_model,
   if variables is None:
     state = trainer.init_state(jax.random.key(0))
   else:
-    state = trainer.backend.put_state(train.state_from_variables(
-        config, trainer.eval_model, variables))
+    state = trainer.state_from_variables(variables)
   init = jax.device_get(state.params)
   losses = []
   for b in batches:

@@ -82,8 +82,8 @@ def test_trains_a_few_steps_and_yields_class_maps(name, quick_compile):
   # parameter): Inception-ResNet-V2's init alone compiled for 32 s. The
   # init's shapes are still traced (eval_shape); InceptionV3's compiled init
   # runs in test_demo.py and test_train.py.
-  state = trainer.backend.put_state(train.state_from_variables(
-      c, trainer.eval_model, random_variables(trainer.eval_model, size)))
+  state = trainer.state_from_variables(
+      random_variables(trainer.eval_model, size))
   before = jax.device_get(state.params)
   for batch in random_batches(n=2, size=size, batch=4):
     state, m = trainer.train(state, batch)
