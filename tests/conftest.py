@@ -99,8 +99,8 @@ class SmallNet(nn.Module):
       x = nn.relu(x)
     logits, out = common.classifier_head(
         x, num_classes=self.num_classes, pooling=self.head_pooling,
-        lse_r=self.lse_r, dropout_rate=self.dropout_rate, dtype=self.dtype,
-        train=train, class_maps=return_features)
+        lse_r=self.lse_r, dropout_rate=self.dropout_rate, train=train,
+        class_maps=return_features)
     return (logits, out) if return_features else logits
 
   def feature_grid(self, size: int):

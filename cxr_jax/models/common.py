@@ -57,8 +57,7 @@ def lse_pool(x, r: float):
 
 def classifier_head(x, *, num_classes: int, pooling: str = "avg",
                     lse_r: float = LSE_R, dropout_rate: float = 0.0,
-                    dtype: Dtype = jnp.float32, train: bool = False,
-                    class_maps: bool = False):
+                    train: bool = False, class_maps: bool = False):
   """The 15-output head on a spatial map `x` [B, h, w, K]: (logits, out).
 
   Call it inside a module's compact `__call__`: it creates the module's
@@ -86,11 +85,10 @@ def classifier_head(x, *, num_classes: int, pooling: str = "avg",
   # weights exp(r s) (r = 10) would jump by 35% between neighbouring values,
   # and the maps that CAM boxes are cut from would carry that rounding. The
   # head is a few thousand MACs a cell: float32 costs nothing measurable.
-  dtype = jnp.promote_types(dtype, jnp.float32)
-  head = nn.Dense(num_classes, dtype=dtype, name="head")
-  dropout = nn.Dropout(dropout_rate, deterministic=not train)
   out = {"feature_map": x}
-  x = x.astype(dtype)
+  x = at_least_float32(x)
+  head = nn.Dense(num_classes, dtype=x.dtype, name="head")
+  dropout = nn.Dropout(dropout_rate, deterministic=not train)
   if pooling == "lse":
     maps = head(dropout(x))
     out["class_maps"] = maps
@@ -533,8 +531,8 @@ class Backbone(nn.Module):
     {**named maps, **the head's out}). Call inside compact."""
     logits, out = classifier_head(
         x, num_classes=self.num_classes, pooling=pooling or self.head_pooling,
-        lse_r=self.lse_r, dropout_rate=self.dropout_rate, dtype=self.dtype,
-        train=train, class_maps=return_features)
+        lse_r=self.lse_r, dropout_rate=self.dropout_rate, train=train,
+        class_maps=return_features)
     return (logits, {**named, **out}) if return_features else logits
 
 
