@@ -149,10 +149,15 @@ def _localize(args) -> int:
            f"{'class':20s} {'boxes':>5s} " + " ".join(
                f"{m}@{t:<4}" for m in ("IoU", "IoBB")
                for t in localization.THRESHOLDS)]
-  for cls, r in s["per_class"].items():
-    lines.append(f"{cls:20s} {r['boxes']:5d} " + " ".join(
-        f"{r[f'{m}@{t}']:8.2f}" for m in ("iou", "iobb")
-        for t in localization.THRESHOLDS))
+  row = lambda name, boxes, scores, prefix="": (
+      f"{name:20s} {boxes:5d} " + " ".join(
+          f"{scores[f'{prefix}{m}@{t}']:8.2f}" for m in ("iou", "iobb")
+          for t in localization.THRESHOLDS))
+  lines += [row(cls, r["boxes"], r) for cls, r in s["per_class"].items()]
+  lines += [row("all", s["boxes"], s),
+            row("chance", s["chance_boxes"], s, "chance_"),
+            "chance: the same boxes scored against other films' boxes of "
+            "their class"]
   return _report(lines, "localization.csv and overlays", s["out_dir"])
 
 

@@ -108,6 +108,8 @@ def run_demo(workdir: str, num_images: int = 1200, source_size: int = 320,
             "test_images": ev["num_images"], "cam_boxes": num_boxes,
             "cam_hit_rate_iobb_0.5": hit_rate,
             "cam_iobb_0.25": loc["iobb@0.25"], "cam_iobb_0.1": loc["iobb@0.1"],
+            **{f"cam_chance_iobb_{t}": loc[f"chance_iobb@{t}"]
+               for t in (0.5, 0.25, 0.1)},
             "seconds": elapsed,
             "train_steps": summary["step"], "best_step": summary["best_step"],
             "images_per_s": summary["images_per_s"]}
@@ -132,9 +134,13 @@ def run_demo(workdir: str, num_images: int = 1200, source_size: int = 320,
       "![ROC curves](figures/roc.png)", "",
       "## Training", "", "![loss and validation AUC](figures/loss.png)", "",
       "## Localization", "",
-      "| threshold | IoU accuracy | IoBB accuracy |", "|---|---|---|",
-      *[f"| {t} | {loc[f'iou@{t}']:.2f} | {loc[f'iobb@{t}']:.2f} |"
+      "| threshold | IoU accuracy | IoBB accuracy | chance IoU | "
+      "chance IoBB |", "|---|---|---|---|---|",
+      *[f"| {t} | {loc[f'iou@{t}']:.2f} | {loc[f'iobb@{t}']:.2f} | "
+        f"{loc[f'chance_iou@{t}']:.2f} | {loc[f'chance_iobb@{t}']:.2f} |"
         for t in localization.THRESHOLDS], "",
+      "Chance: the same CAM boxes scored against the planted boxes of the "
+      "same class on the other films.", "",
       "Ground truth in green, CAM box in blue:", "",
       *[f"![{o}](figures/{o})" for o in overlays], ""]
   with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -7,6 +7,12 @@ the image, scaled to 0..255 and thresholded (200 by default); the bounding
 box of the largest connected component is the prediction. It is scored by
 IoU and by IoBB (intersection over the predicted box), and counted correct at
 T in {0.1, 0.25, 0.5, 0.75}.
+
+Beside each accuracy, `chance_*` scores the same predicted boxes against the
+boxes of the same class on the *other* images: what maps that ignore where
+the finding is, but draw boxes of the same sizes in the same places, would
+score. IoBB rewards small boxes anywhere inside a finding, and findings sit
+in the lungs, so a bare accuracy says little without this control.
 """
 
 from __future__ import annotations
@@ -44,6 +50,44 @@ def iobb(pred, truth) -> float:
   """Intersection over the predicted box (Wang et al. 2017)."""
   area = pred[2] * pred[3]
   return _intersection(pred, truth) / area if area > 0 else 0.0
+
+
+def chance_accuracy(rows: list[dict[str, Any]]
+                    ) -> tuple[dict[str, float], int]:
+  """IoU/IoBB accuracy at each threshold with every predicted box scored
+  against the truth of each other image's box of its class, averaged per row
+  and then over rows. A row whose class has boxes on no other image has no
+  control and is left out; the second value counts the rows kept."""
+  per_row = {f"{m}@{t}": [] for m in ("iou", "iobb") for t in THRESHOLDS}
+  for label in {r["label"] for r in rows}:
+    sub = [r for r in rows if r["label"] == label]
+    truth = np.array([r["truth"] for r in sub], np.float64)      # (k, 4)
+    pred = np.array([r["pred"] or (0.0, 0.0, 0.0, 0.0) for r in sub],
+                    np.float64)
+    image = np.array([r["image"] for r in sub])
+    # (k, k): predicted box i against truth j.
+    w = (np.minimum(pred[:, None, 0] + pred[:, None, 2],
+                    truth[None, :, 0] + truth[None, :, 2])
+         - np.maximum(pred[:, None, 0], truth[None, :, 0]))
+    h = (np.minimum(pred[:, None, 1] + pred[:, None, 3],
+                    truth[None, :, 1] + truth[None, :, 3])
+         - np.maximum(pred[:, None, 1], truth[None, :, 1]))
+    inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)
+    pred_area = (pred[:, 2] * pred[:, 3])[:, None]
+    union = pred_area + (truth[:, 2] * truth[:, 3])[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+      scores = {"iou": np.where(union > 0, inter / union, 0.0),
+                "iobb": np.where(pred_area > 0, inter / pred_area, 0.0)}
+    other = image[:, None] != image[None, :]
+    kept = other.any(axis=1)
+    for metric, score in scores.items():
+      for t in THRESHOLDS:
+        hit = (score >= t) & other
+        per_row[f"{metric}@{t}"].extend(
+            hit[kept].sum(axis=1) / other[kept].sum(axis=1))
+  kept_rows = len(per_row[f"iou@{THRESHOLDS[0]}"])
+  return ({k: float(np.mean(v)) if v else float("nan")
+           for k, v in per_row.items()}, kept_rows)
 
 
 def _box_image_indices(dataset: pipeline.PreparedDataset, data_dir: str
@@ -118,6 +162,8 @@ def localize(workdir: str, data_dir: str | None = None, which: str = "best",
     for t in THRESHOLDS:
       summary[f"{metric}@{t}"] = float(np.mean([r[metric] >= t
                                                 for r in rows]))
+  chance, summary["chance_boxes"] = chance_accuracy(rows)
+  summary.update({f"chance_{k}": v for k, v in chance.items()})
   with open(os.path.join(out_dir, "localization.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["Image Index", "Finding Label", "truth_x", "truth_y",

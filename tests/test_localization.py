@@ -98,3 +98,26 @@ def test_grid_geometry_of_same_and_symmetric_padding():
   assert common.grid_geometry(225, [(3, 2, "SAME")]) == (113, 0.5, 2.0)
   # PyTorch's padding=3 on a 7x7 stride-2 conv (ResNet's stem) on 224.
   assert common.grid_geometry(224, [(7, 2, 3)]) == (112, 0.5, 2.0)
+
+
+def test_chance_scores_each_box_against_other_films_of_its_class():
+  row = lambda image, label, truth, pred: {
+      "image": image, "label": label, "truth": truth, "pred": pred}
+  rows = [
+      row("a", "Mass", (0, 0, 10, 10), (0, 0, 10, 10)),
+      # Same film as the first: never each other's control.
+      row("a", "Mass", (50, 50, 10, 10), (0, 0, 10, 10)),
+      # Inside a's second box: IoBB 1, IoU 16/100.
+      row("b", "Mass", (0, 0, 10, 10), (52, 52, 4, 4)),
+      row("c", "Mass", (100, 100, 10, 10), None),  # no box: scores nothing
+      row("c", "Nodule", (0, 0, 10, 10), (0, 0, 10, 10)),  # no other film
+  ]
+  chance, kept = loc.chance_accuracy(rows)
+  assert kept == 4
+  # Per row (a, a, b, c), the share of the other films' boxes it hits:
+  # 1/2 (b's), 1/2 (b's), 1/3 (a's second), 0.
+  for t in loc.THRESHOLDS:
+    assert chance[f"iobb@{t}"] == pytest.approx((0.5 + 0.5 + 1 / 3) / 4)
+  assert chance["iou@0.1"] == pytest.approx((0.5 + 0.5 + 1 / 3) / 4)
+  for t in (0.25, 0.5, 0.75):
+    assert chance[f"iou@{t}"] == pytest.approx((0.5 + 0.5) / 4)
