@@ -130,8 +130,11 @@ class ShardMap:
     self.mesh = make_mesh(devices)
     self.num_devices = self.mesh.size
 
+  def state_sharding(self) -> jax.sharding.Sharding:
+    return replicated(self.mesh)
+
   def put_state(self, state: Any) -> Any:
-    return jax.device_put(state, replicated(self.mesh))
+    return jax.device_put(state, self.state_sharding())
 
   def put_batch(self, local: dict[str, np.ndarray]) -> dict:
     return global_batch(local, self.mesh)
@@ -159,6 +162,13 @@ class Pmap:
     # The state lives replicated on the local devices, as pmap's unmapped
     # outputs leave it, so the first step needs no transfer.
     self.mesh = make_mesh(local) if jax.process_count() == 1 else None
+
+  def state_sharding(self) -> jax.sharding.Sharding:
+    if self.mesh is None:
+      # Several processes: each keeps its own copy where jit leaves a fresh
+      # state, on its first local device.
+      return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return replicated(self.mesh)
 
   def put_state(self, state: Any) -> Any:
     if self.mesh is None:

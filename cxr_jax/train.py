@@ -62,6 +62,16 @@ def create_train_state(config, model, rng) -> TrainState:
   return state_from_variables(config, model, variables)
 
 
+def abstract_train_state(config, model) -> TrainState:
+  """`create_train_state`'s shapes and dtypes, traced but neither compiled
+  nor run. ImageNet weights take the init's shapes, so they are not loaded."""
+  def build():
+    x = jnp.zeros((1, config.image_size, config.image_size, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    return state_from_variables(config, model, variables)
+  return jax.eval_shape(build)
+
+
 def state_from_variables(config, model, variables) -> TrainState:
   """The step-0 state of `variables` ({'params', 'batch_stats'}): a fresh
   optimizer of the config's kind, no non-finite steps yet."""
@@ -157,6 +167,15 @@ class Trainer:
     return self.backend.put_state(
         create_train_state(self.config, self.eval_model, rng))
 
+  def abstract_state(self) -> TrainState:
+    """`init_state`'s shapes, dtypes and placement, without compiling the
+    init (tens of seconds for a deep network): what a resume restores
+    into."""
+    sharding = self.backend.state_sharding()
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        abstract_train_state(self.config, self.eval_model))
+
   def state_from_variables(self, variables) -> TrainState:
     """The step-0 state of given variables, placed as `init_state`'s is."""
     return self.backend.put_state(
@@ -227,18 +246,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   names, dropped = splits.for_dataset(config, dataset.names)
   trainer = Trainer(config)
   mgr = checkpoint.manager(workdir)
-  state = trainer.init_state(jax.random.key(config.seed))
-  n_params = models.count_parameters({"params": state.params,
-                                      "batch_stats": state.batch_stats})
   data_iter = iter(pipeline.train_dataset(
       dataset, names["train"], config.batch_size, config.seed,
       pipeline.Augment(config.augment_flip, config.augment_min_crop),
       threads=config.loader_threads))
+  # A resumed run restores into the state's shapes: it never compiles the
+  # init, nor loads a transfer run's ImageNet weights again.
   start, restored, data_state = checkpoint.resume(
-      mgr, state, config, move_unreadable=jax.process_index() == 0)
+      mgr, trainer.abstract_state(), config,
+      move_unreadable=jax.process_index() == 0)
   if start:
     state = trainer.backend.put_state(restored)
     data_iter.set_state(data_state)
+  else:
+    state = trainer.init_state(jax.random.key(config.seed))
+  n_params = models.count_parameters({"params": state.params,
+                                      "batch_stats": state.batch_stats})
   feed = pipeline.DeviceFeed(data_iter, trainer.backend.put_batch)
   compiled = ({"train_step": trainer.compile(state, feed.peek())}
               if start < config.num_train_steps else {})

@@ -92,6 +92,23 @@ def test_pmap_keeps_one_logical_state_and_scalar_metrics():
   assert int(state.step) == 1
 
 
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_abstract_state_is_init_states_shapes_and_placement(mode):
+  """What a resume restores into, without compiling the init."""
+  trainer = train.Trainer(train_config(parallel=mode), model_fn=small_model)
+  abstract = trainer.abstract_state()
+  state = trainer.init_state(jax.random.key(0))
+  # (The static fields, the optimizer's functions, are new objects.)
+  paths = lambda tree: [p for p, _ in
+                        jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert paths(abstract) == paths(state)
+  for a, s in zip(jax.tree_util.tree_leaves(abstract),
+                  jax.tree_util.tree_leaves(state)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype) == (s.shape, s.dtype)
+    assert a.sharding.is_equivalent_to(s.sharding, s.ndim)
+
+
 def test_validation_weights_each_batch_by_its_global_images():
   """On several hosts a batch's loss is global, so its weight must be the
   global image count (the forward pass returns it), not this host's."""
@@ -317,8 +334,22 @@ def test_loop_on_a_small_model_resumes_with_its_best_and_analyses(
   resumed = train.train_and_evaluate(c, workdir)  # nothing left to train
   assert resumed["best_step"] == first["best_step"]
   assert resumed["best_val_mean_auc"] == first["best_val_mean_auc"]
+  # Continued to 12 steps: the resume restores into the state's shapes
+  # without running the init, and ends where a run never stopped ends.
+  c.num_train_steps = 12
+
+  def no_init(*args):
+    raise AssertionError("a resumed run initialised its variables")
+  with monkeypatch.context() as m:
+    m.setattr(train.Trainer, "init_state", no_init)
+    assert train.train_and_evaluate(c, workdir)["step"] == 12
+  train.train_and_evaluate(c, str(tmp_path / "never_stopped"))
+  for a, b in zip(jax.tree_util.tree_leaves(_final_params(workdir)[0]),
+                  jax.tree_util.tree_leaves(
+                      _final_params(tmp_path / "never_stopped")[0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
+  assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12]
   assert all(np.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
   ev = evaluation.evaluate(workdir, "best", "val", num_resamples=20)
   assert ev["num_images"] > 0
