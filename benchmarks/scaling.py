@@ -88,11 +88,9 @@ def initial_state(trainer, path: str | None):
   import jax
   import numpy as np
 
-  from cxr_jax import train
   key = jax.random.key(0)
   if path and os.path.exists(path):
-    abstract = jax.eval_shape(lambda k: train.create_train_state(
-        trainer.config, trainer.eval_model, k), key)
+    abstract = trainer.abstract_state()
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
     with np.load(path) as saved:
       values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
