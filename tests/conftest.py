@@ -92,10 +92,10 @@ class SmallNet(nn.Module):
     for features in (8, 16):
       x = nn.Conv(features, (3, 3), strides=(2, 2), padding="VALID",
                   use_bias=False, dtype=self.dtype)(x)
-      x = nn.BatchNorm(use_running_average=not train, use_scale=False,
-                       epsilon=1e-3, momentum=self.bn_momentum,
-                       dtype=self.dtype,
-                       axis_name=self.bn_axis_name if train else None)(x)
+      # The backbones' BatchNorm, so the N-device tests cover its gradient.
+      x = common.batch_norm(train, epsilon=1e-3, momentum=self.bn_momentum,
+                            axis_name=self.bn_axis_name, dtype=self.dtype,
+                            use_scale=False, name=None)(x)
       x = nn.relu(x)
     logits, out = common.classifier_head(
         x, num_classes=self.num_classes, pooling=self.head_pooling,

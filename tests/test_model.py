@@ -13,7 +13,7 @@ from benchmarks.receptive_field import mass_radius
 from conftest import SmallNet, random_variables
 from cxr_jax import labels
 from cxr_jax.models import FEATURE_MAP, InceptionV3, count_parameters
-from cxr_jax.models.common import max_pool, repeat
+from cxr_jax.models.common import BatchNorm, max_pool, repeat
 from cxr_jax.models.inception_v3 import feature_grid
 
 
@@ -382,6 +382,69 @@ def test_max_pool_is_flax_max_pool_in_value_and_gradient(shape, window,
   np.testing.assert_array_equal(
       jax.jit(lambda x: jax.vjp(ours, x)[1](gb)[0])(xb),
       jax.vjp(ref, xb)[1](gb)[0])
+
+
+@pytest.mark.parametrize("use_scale", [True, False])
+@pytest.mark.parametrize("devices", [1, 2])
+def test_batch_norm_is_flax_batch_norm(use_scale, devices):
+  """Same variables, forward and running averages as flax.linen.BatchNorm
+  (two-pass variance; synchronised over 'data' on two devices), and the
+  gradients of x, scale and bias to float32 rounding."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 5, 5, 6)) * 3 + 1, jnp.float32)
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  axis = "data" if devices > 1 else None
+  options = dict(momentum=0.9, epsilon=1e-3, use_scale=use_scale,
+                 dtype=jnp.float32, axis_name=axis)
+  ref = nn.BatchNorm(use_running_average=False, use_fast_variance=False,
+                     **options)
+  ours = BatchNorm(use_running_average=False, **options)
+  variables = ref.init(jax.random.key(0), x)
+  assert (jax.tree_util.tree_map(np.shape, variables) ==
+          jax.tree_util.tree_map(np.shape, ours.init(jax.random.key(0), x)))
+  variables = jax.tree_util.tree_map(
+      lambda v: jnp.asarray(rng.normal(size=v.shape) + 1, jnp.float32),
+      variables)
+
+  def step(model, params, x, w):
+    def loss(params, x):
+      y, updates = model.apply(
+          {"params": params, "batch_stats": variables["batch_stats"]}, x,
+          mutable=["batch_stats"])
+      total = jnp.sum(jnp.sin(y) * w)
+      total = jax.lax.psum(total, axis) if axis else total
+      return total, (y, updates["batch_stats"])
+    (_, (y, stats)), grads = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, stats, grads
+
+  def run(model):
+    fn = functools.partial(step, model)
+    if axis:
+      mesh = jax.make_mesh((devices,), (axis,))
+      rows = NamedSharding(mesh, P(axis))
+      fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(axis), P(axis)),
+                         out_specs=(P(axis), P(), (P(), P(axis))))
+      args = (variables["params"], jax.device_put(x, rows),
+              jax.device_put(w, rows))
+    else:
+      args = (variables["params"], x, w)
+    return jax.jit(fn)(*args)
+
+  (y_ref, stats_ref, grads_ref), (y, stats, grads) = run(ref), run(ours)
+  np.testing.assert_array_equal(y, y_ref)
+  for a, b in zip(jax.tree_util.tree_leaves(stats),
+                  jax.tree_util.tree_leaves(stats_ref)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree_util.tree_leaves(grads),
+                  jax.tree_util.tree_leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  # Inference: the running averages, exactly as flax applies them.
+  apply = lambda m: m.apply(variables, x)
+  np.testing.assert_array_equal(
+      apply(BatchNorm(use_running_average=True, **options)),
+      apply(nn.BatchNorm(use_running_average=True, **options)))
 
 
 @pytest.mark.parametrize("pooling", ["lse", "avg"])

@@ -15,7 +15,7 @@ import pytest
 from conftest import random_variables
 from cxr_jax import models, weights
 from cxr_jax.models import resnet
-from cxr_jax.models.common import count_parameters
+from cxr_jax.models.common import BatchNorm, count_parameters
 from cxr_jax.parity import resnet as parity_resnet
 from cxr_jax.weights import resnet as convert
 from cxr_jax.weights.common import ConversionError, flatten, per_block_shapes
@@ -139,15 +139,15 @@ def test_bfloat16_computes_in_bf16_but_keeps_float32_parameters():
 
 
 def batch_norms(model, train):
-  """Every BatchNorm `model` runs, as (path, momentum, epsilon, axis_name,
-  use_fast_variance), read off a shape-only trace that skips them."""
+  """Every BatchNorm `model` runs, as (path, momentum, epsilon, axis_name),
+  read off a shape-only trace that skips them. (Each computes the two-pass
+  variance: `common.BatchNorm` has no other.)"""
   seen = []
 
   def record(next_fun, args, kwargs, context):
     m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen.append(("/".join(m.path), m.momentum, m.epsilon, m.axis_name,
-                   m.use_fast_variance))
+    if isinstance(m, BatchNorm) and context.method_name == "__call__":
+      seen.append(("/".join(m.path), m.momentum, m.epsilon, m.axis_name))
       return args[0]  # a named axis has no meaning outside shard_map
     return next_fun(*args, **kwargs)
 
@@ -169,10 +169,10 @@ def test_batch_norms_take_the_variants_momentum_and_epsilon(
   assert len({s[0] for s in seen}) == 1 + 4 * (4 + 3)
   assert sum(k.endswith("/scale") and "bn" in k.split("/")[-2] for k in
              _blocks(build("resnet50", variant=variant))) == 53
-  assert {s[1:] for s in seen} == {(momentum, epsilon, None, False)}
+  assert {s[1:] for s in seen} == {(momentum, epsilon, None)}
   seen = batch_norms(build("resnet50", variant=variant, bn_momentum=0.5,
                            bn_axis_name="batch"), train=True)
-  assert {s[1:] for s in seen} == {(0.5, epsilon, "batch", False)}
+  assert {s[1:] for s in seen} == {(0.5, epsilon, "batch")}
   # Inference normalises with the running statistics: no cross-device mean.
   seen = batch_norms(build("resnet50", variant=variant,
                            bn_axis_name="batch"), train=False)

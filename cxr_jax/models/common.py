@@ -121,16 +121,136 @@ def lookup(table: Mapping[Any, T], key: Any, what: str = "variant") -> T:
   return table[key]
 
 
+def _varying_axes(a) -> frozenset:
+  """The mesh axes along which `a` varies inside `jax.shard_map` (none
+  outside it, and under pmap)."""
+  t = jax.typeof(a)
+  manual = getattr(t, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(t, "vma", ()) or ())
+
+
+def _cotangent_like(ct, primal):
+  """`ct` summed over the axes it varies along and `primal` does not: what
+  autodiff does for a replicated parameter used by per-device data (the
+  transpose of its implicit broadcast is a psum), so a hand-written gradient
+  has the type, and the value, of the derived one."""
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
+def _batch_statistics(x, axis_name):
+  """Mean and two-pass variance over all axes but the last, in at least
+  float32, averaged over `axis_name`: flax's `_compute_stats`."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  mean = xf.mean(axes)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  var = jax.lax.square(xf - mean).mean(axes)
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
+  return mean, var
+
+
+def _normalize(x, mean, var, scale, bias, epsilon, dtype):
+  """flax's `_normalize`, operation for operation."""
+  mul = jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    mul = mul * scale
+  return jnp.asarray((x - mean) * mul + bias, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _train_batch_norm(x, scale, bias, epsilon, axis_name, dtype):
+  mean, var = _batch_statistics(x, axis_name)
+  return _normalize(x, mean, var, scale, bias, epsilon, dtype), mean, var
+
+
+def _train_batch_norm_fwd(x, scale, bias, epsilon, axis_name, dtype):
+  out = _train_batch_norm(x, scale, bias, epsilon, axis_name, dtype)
+  _, mean, var = out
+  return out, (x, mean, var, scale, bias)
+
+
+def _train_batch_norm_bwd(epsilon, axis_name, dtype, residuals, cotangents):
+  """The textbook gradient of batch normalization. Only `y`'s cotangent
+  counts: the statistics leave as running averages, never into the loss."""
+  x, mean, var, scale, bias = residuals
+  g = cotangents[0].astype(mean.dtype)
+  axes = tuple(range(x.ndim - 1))
+  inv = jax.lax.rsqrt(var + epsilon)
+  x_hat = (x.astype(mean.dtype) - mean) * inv
+  sum_g, sum_g_x_hat = g.sum(axes), (g * x_hat).sum(axes)
+  count = np.prod([x.shape[a] for a in axes])
+  mean_g, mean_g_x_hat = sum_g / count, sum_g_x_hat / count
+  if axis_name is not None:  # every device holds an equal share
+    mean_g, mean_g_x_hat = jax.lax.pmean((mean_g, mean_g_x_hat), axis_name)
+  mul = inv if scale is None else inv * scale
+  dx = (mul * (g - mean_g - x_hat * mean_g_x_hat)).astype(x.dtype)
+  dscale = (None if scale is None else
+            _cotangent_like(sum_g_x_hat.astype(scale.dtype), scale))
+  return dx, dscale, _cotangent_like(sum_g.astype(bias.dtype), bias)
+
+
+_train_batch_norm.defvjp(_train_batch_norm_fwd, _train_batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """`flax.linen.BatchNorm` over NHWC as every backbone runs it: the same
+  variables (`scale`, `bias`; `mean`, `var` in 'batch_stats'), forward and
+  running averages, with the two-pass variance (E[x^2] - E[x]^2 cancels
+  badly, and the rounding compounds through a deep network) and batch
+  statistics averaged over `axis_name` in training.
+
+  Why not flax's module: in training, autodiff through its statistics gives
+  a gradient that XLA computes with more full-size passes than the textbook
+  formula (two reductions, then one elementwise pass), a large share of a
+  training step's memory traffic (benchmarks/RESULTS.md). The gradient here
+  is that formula, equal to flax's to rounding (tests/test_model.py).
+  """
+
+  use_running_average: bool
+  momentum: float
+  epsilon: float
+  use_scale: bool = True
+  dtype: Dtype | None = None
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features,
+                            jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features,
+                           jnp.float32)
+    scale = (self.param("scale", nn.initializers.ones, features, jnp.float32)
+             if self.use_scale else None)
+    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+    dtype = self.dtype or jnp.result_type(x, jnp.float32)
+    if self.use_running_average:
+      return _normalize(x, ra_mean.value, ra_var.value, scale, bias,
+                        self.epsilon, dtype)
+    # As flax: `init` runs outside any mapped axis.
+    axis_name = None if self.is_initializing() else self.axis_name
+    y, mean, var = _train_batch_norm(x, scale, bias, self.epsilon, axis_name,
+                                     dtype)
+    if not self.is_initializing():
+      ra_mean.value = (self.momentum * ra_mean.value
+                       + (1 - self.momentum) * mean)
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
+
+
 def batch_norm(train: bool, *, epsilon: float, momentum: float,
                axis_name: str | None, dtype: Dtype, name: str,
-               use_scale: bool = True) -> nn.BatchNorm:
-  """BatchNorm as every backbone runs it: batch statistics averaged over
-  `axis_name` in training only, and the two-pass variance (E[x^2] - E[x]^2
-  cancels badly, and the rounding compounds through a deep network)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
-                      epsilon=epsilon, use_scale=use_scale, dtype=dtype,
-                      axis_name=axis_name if train else None,
-                      use_fast_variance=False, name=name)
+               use_scale: bool = True) -> BatchNorm:
+  """`BatchNorm` as every backbone builds it: batch statistics averaged over
+  `axis_name` in training only."""
+  return BatchNorm(use_running_average=not train, momentum=momentum,
+                   epsilon=epsilon, use_scale=use_scale, dtype=dtype,
+                   axis_name=axis_name if train else None, name=name)
 
 
 class ConvBN(nn.Module):
@@ -176,7 +296,7 @@ class Layer(nn.Module):
                 bn_momentum=self.bn_momentum)
 
   def batch_norm(self, train: bool, epsilon: float, name: str,
-                 use_scale: bool = True) -> nn.BatchNorm:
+                 use_scale: bool = True) -> BatchNorm:
     """`batch_norm` with this layer's settings."""
     return batch_norm(train, epsilon=epsilon, momentum=self.bn_momentum,
                       axis_name=self.bn_axis_name, dtype=self.dtype,
