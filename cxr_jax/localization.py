@@ -59,32 +59,16 @@ def chance_accuracy(rows: list[dict[str, Any]]
   and then over rows. A row whose class has boxes on no other image has no
   control and is left out; the second value counts the rows kept."""
   per_row = {f"{m}@{t}": [] for m in ("iou", "iobb") for t in THRESHOLDS}
-  for label in {r["label"] for r in rows}:
-    sub = [r for r in rows if r["label"] == label]
-    truth = np.array([r["truth"] for r in sub], np.float64)      # (k, 4)
-    pred = np.array([r["pred"] or (0.0, 0.0, 0.0, 0.0) for r in sub],
-                    np.float64)
-    image = np.array([r["image"] for r in sub])
-    # (k, k): predicted box i against truth j.
-    w = (np.minimum(pred[:, None, 0] + pred[:, None, 2],
-                    truth[None, :, 0] + truth[None, :, 2])
-         - np.maximum(pred[:, None, 0], truth[None, :, 0]))
-    h = (np.minimum(pred[:, None, 1] + pred[:, None, 3],
-                    truth[None, :, 1] + truth[None, :, 3])
-         - np.maximum(pred[:, None, 1], truth[None, :, 1]))
-    inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)
-    pred_area = (pred[:, 2] * pred[:, 3])[:, None]
-    union = pred_area + (truth[:, 2] * truth[:, 3])[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-      scores = {"iou": np.where(union > 0, inter / union, 0.0),
-                "iobb": np.where(pred_area > 0, inter / pred_area, 0.0)}
-    other = image[:, None] != image[None, :]
-    kept = other.any(axis=1)
-    for metric, score in scores.items():
+  for r in rows:
+    others = [o["truth"] for o in rows
+              if o["label"] == r["label"] and o["image"] != r["image"]]
+    if not others:
+      continue
+    for metric, score in (("iou", iou), ("iobb", iobb)):
+      values = [0.0 if r["pred"] is None else score(r["pred"], truth)
+                for truth in others]
       for t in THRESHOLDS:
-        hit = (score >= t) & other
-        per_row[f"{metric}@{t}"].extend(
-            hit[kept].sum(axis=1) / other[kept].sum(axis=1))
+        per_row[f"{metric}@{t}"].append(np.mean([v >= t for v in values]))
   kept_rows = len(per_row[f"iou@{THRESHOLDS[0]}"])
   return ({k: float(np.mean(v)) if v else float("nan")
            for k, v in per_row.items()}, kept_rows)

@@ -173,7 +173,7 @@ class Pmap:
   def put_state(self, state: Any) -> Any:
     if self.mesh is None:
       return state
-    return jax.device_put(state, replicated(self.mesh))
+    return jax.device_put(state, self.state_sharding())
 
   def put_batch(self, local: dict[str, np.ndarray]) -> dict:
     """[local batch, ...] -> [local devices, per-device batch, ...]."""

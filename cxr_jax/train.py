@@ -46,10 +46,15 @@ class TrainState(train_state.TrainState):
   nonfinite_steps: jax.Array
 
 
+def _init_variables(config, model, rng) -> dict:
+  """The model's fresh variables for the config's input size."""
+  x = jnp.zeros((1, config.image_size, config.image_size, 3))
+  return jax.jit(functools.partial(model.init, train=False))(rng, x)
+
+
 def create_train_state(config, model, rng) -> TrainState:
   """Fresh variables, or converted ImageNet weights with a fresh head."""
-  x = jnp.zeros((1, config.image_size, config.image_size, 3))
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
+  variables = _init_variables(config, model, rng)
   if config.init_weights:
     variables = weights.merge_pretrained(
         variables, weights.load_pretrained(config.init_weights),
@@ -65,11 +70,8 @@ def create_train_state(config, model, rng) -> TrainState:
 def abstract_train_state(config, model) -> TrainState:
   """`create_train_state`'s shapes and dtypes, traced but neither compiled
   nor run. ImageNet weights take the init's shapes, so they are not loaded."""
-  def build():
-    x = jnp.zeros((1, config.image_size, config.image_size, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
-    return state_from_variables(config, model, variables)
-  return jax.eval_shape(build)
+  return jax.eval_shape(lambda rng: state_from_variables(
+      config, model, _init_variables(config, model, rng)), jax.random.key(0))
 
 
 def state_from_variables(config, model, variables) -> TrainState:
