@@ -198,6 +198,57 @@ def test_prepare_synthetic(prepared, synth):
   assert tuple(rec["source_size"]) == (96, 96)
 
 
+def _reads_as_tfds(ds) -> None:
+  """Every record's image and targets, read from its serialized fields,
+  equal TFDS's decoding of the whole record."""
+  for i in range(len(ds)):
+    image, targets = ds.image_and_labels(i)
+    rec = ds.record(i)
+    assert image.dtype == np.uint8 and image.shape == rec["image"].shape
+    np.testing.assert_array_equal(image, rec["image"])
+    np.testing.assert_array_equal(targets, pipeline.labels_with_normal(rec))
+
+
+def test_fast_reader_is_tfds_decoding(prepared, tmp_path, monkeypatch):
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  _reads_as_tfds(ds)
+  # Normal films and diseased ones are both there, so the targets differ.
+  targets = np.stack([ds.image_and_labels(i)[1] for i in range(len(ds))])
+  assert targets[:, L.NUM_DISEASES].any() and targets[:, 0].any()
+  # The pipeline reads through it.
+  batch = next(iter(pipeline.eval_batches(ds, ds.names[:4], 4, 0, 1,
+                                          threads=0)))
+  for k, i in enumerate(batch["index"]):
+    image, labels = ds.image_and_labels(i)
+    np.testing.assert_array_equal(batch["image"][k], image)
+    np.testing.assert_array_equal(batch["labels"][k], labels)
+  # Without imagecodecs, PIL decodes the same pixels.
+  monkeypatch.setitem(sys.modules, "imagecodecs", None)
+  _reads_as_tfds(pipeline.PreparedDataset(target))
+
+
+def test_fast_reader_names_a_record_it_cannot_read(prepared, monkeypatch):
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  example = ds._example.FromString(ds._raw[3])
+  del example.features.feature["image"]
+  raw = {3: example.SerializeToString()}
+  monkeypatch.setattr(ds, "_raw", raw)
+  with pytest.raises(ValueError, match=rf"record 3 \({ds.names[3]}\) "
+                                       r"cannot be read: IndexError"):
+    ds.image_and_labels(3)
+  example = ds._example.FromString(pipeline.PreparedDataset(target)._raw[3])
+  example.features.feature["labels"].int64_list.value.append(1)
+  raw[3] = example.SerializeToString()
+  with pytest.raises(ValueError, match=r"80x80 image, 15 labels"):
+    ds.image_and_labels(3)
+  del example.features.feature["labels"]
+  raw[3] = example.SerializeToString()
+  with pytest.raises(ValueError, match=r"80x80 image, 0 labels"):
+    ds.image_and_labels(3)
+
+
 def test_prepare_real_sample_with_allow_missing(nih_sample, tmp_path):
   target = str(tmp_path / "real")
   with pytest.raises(tfds_builder.PrepareError,
@@ -217,6 +268,7 @@ def test_prepare_real_sample_with_allow_missing(nih_sample, tmp_path):
   boxed = [n for n in ds.names if len(ds.record(ds.names.index(n))[
       "boxes"]["label"])]
   assert len(boxed) == 4  # the sample README: four have boxes
+  _reads_as_tfds(ds)  # real films, RGBA and L among them
 
 
 def _mini_nih(tmp_path, images: dict):

@@ -60,9 +60,14 @@ class PreparedDataset:
 
   def __init__(self, data_dir: str, image_size: int | None = None):
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.proto import tf_example_pb2
+    self._example = tf_example_pb2.Example
     self.path = find_prepared(data_dir, image_size)
     self.builder = tfds.builder_from_directory(self.path)
     self.source = self.builder.as_data_source("images")
+    # The same records as serialized bytes, for `image_and_labels`.
+    self._raw = self.builder.as_data_source(
+        "images", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     md = self.builder.info.metadata or {}
     self.names: list[str] = list(md.get("names", []))
     if len(self.names) != len(self.source):
@@ -73,6 +78,8 @@ class PreparedDataset:
     self.metadata = dict(md)
     self._index = {n: i for i, n in enumerate(self.names)}
     self._check_metadata_copies(data_dir)
+    if len(self):
+      self._check_fast_reader(0)
 
   def _check_metadata_copies(self, data_dir: str) -> None:
     """Splits and evaluation read the metadata copies beside the dataset:
@@ -104,7 +111,74 @@ class PreparedDataset:
     return np.array([self._index[n] for n in names], np.int64)
 
   def record(self, index: int) -> dict[str, Any]:
+    """Every field of record `index`, decoded by TFDS."""
     return self.source[int(index)]
+
+  def image_and_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Record `index`'s image (uint8 [S, S, 1]) and its 15 training targets,
+    which is all that training and evaluation read.
+
+    TFDS's decoding of a whole record turns every field into numpy, the
+    boxes and names included, and decodes the PNG with PIL: three to four
+    times the cost of reading the two fields from the serialized Example and
+    decoding the PNG with libpng (benchmarks/RESULTS.md, data.py). The
+    result is equal to `record`'s (checked on a record when the dataset
+    opens, and on every record in tests/test_data.py).
+    """
+    example = self._example.FromString(self._raw[int(index)])
+    feature = example.features.feature
+    try:
+      pixels = _decode_png(feature["image"].bytes_list.value[0])
+      labels = feature["labels"].int64_list.value
+      normal = feature["normal"].int64_list.value
+    except (KeyError, IndexError, ValueError) as e:
+      raise ValueError(f"{self.path}: record {index} "
+                       f"({self.names[int(index)]}) cannot be read: "
+                       f"{type(e).__name__}: {e}") from None
+    if (pixels.shape != (self.image_size, self.image_size)
+        or len(labels) != L.NUM_DISEASES or len(normal) != 1):
+      raise ValueError(f"{self.path}: record {index} "
+                       f"({self.names[int(index)]}) holds a "
+                       f"{'x'.join(map(str, pixels.shape))} image, "
+                       f"{len(labels)} labels and {len(normal)} normal "
+                       f"flags; the dataset is {self.image_size}px with "
+                       f"{L.NUM_DISEASES} labels")
+    targets = np.empty(L.NUM_OUTPUTS, np.float32)
+    targets[:L.NUM_DISEASES] = labels
+    targets[L.NUM_DISEASES] = normal[0]
+    return pixels[..., None], targets
+
+  def _check_fast_reader(self, index: int) -> None:
+    """`image_and_labels` must equal TFDS's decoding: a TFDS that
+    serialized records differently fails here, not in training."""
+    image, targets = self.image_and_labels(index)
+    r = self.record(index)
+    if not (np.array_equal(image, r["image"]) and
+            np.array_equal(targets, labels_with_normal(r))):
+      raise ValueError(f"{self.path}: record {index} reads differently "
+                       f"from its serialized fields than through TFDS; "
+                       f"this TFDS version is not supported by the fast "
+                       f"reader")
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+  """uint8 [H, W] of a gray 8-bit PNG (as `prepare` writes them): libpng
+  through imagecodecs, else PIL."""
+  try:
+    import imagecodecs
+  except ImportError:
+    imagecodecs = None
+  if imagecodecs is not None:
+    pixels = imagecodecs.png_decode(data)
+  else:
+    import io
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+      pixels = np.asarray(im)
+  if pixels.dtype != np.uint8 or pixels.ndim != 2:
+    raise ValueError(f"a {pixels.dtype} PNG of shape {pixels.shape}, not "
+                     f"8-bit gray")
+  return pixels
 
 
 def labels_with_normal(record) -> np.ndarray:
@@ -155,9 +229,8 @@ class _Load:
       return {"image": np.zeros((self.size, self.size, 1), np.uint8),
               "labels": np.zeros(L.NUM_OUTPUTS, np.float32),
               "mask": np.float32(0), "index": np.int64(-1)}
-    r = self.dataset.record(index)
-    return {"image": np.asarray(r["image"], np.uint8),
-            "labels": labels_with_normal(r), "mask": np.float32(1),
+    image, labels = self.dataset.image_and_labels(index)
+    return {"image": image, "labels": labels, "mask": np.float32(1),
             "index": np.int64(index)}
 
 
