@@ -39,13 +39,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 class NonfiniteWatch:
-  """config.nonfinite='stop': raises NonFiniteLoss at the first step whose
-  loss, gradient or update was not finite.
+  """config.nonfinite='stop': raises NonFiniteLoss naming the first step
+  whose loss, gradient or update was not finite.
 
-  Reading a step's flag makes the host wait for that step, so `add` reads
-  the previous step's while the new one runs, and `check` reads every
-  pending one at once; the loop calls it before it logs, saves or
-  validates, so a non-finite step never reaches a checkpoint.
+  Reading a step's flag makes the host wait for that step, so `add` only
+  keeps it; `check` reads every pending flag in one transfer. The loop calls
+  `check` before it logs, saves or validates (big_vision checks its loss at
+  log steps too): a run stops at most log_every_steps after a non-finite
+  step, which changed nothing (the step keeps the old state), and that step
+  never reaches a checkpoint or a log.
   """
 
   def __init__(self, active: bool, describe: Callable[[int, dict], str]):
@@ -54,12 +56,15 @@ class NonfiniteWatch:
 
   def add(self, step: int, metrics: dict) -> None:
     if self.active:
-      self.check()
       self.pending.append((step, metrics))
 
   def check(self) -> None:
-    for step, metrics in self.pending:
-      if not bool(metrics["finite"]):
+    if not self.pending:
+      return
+    import jax
+    flags = jax.device_get([m["finite"] for _, m in self.pending])
+    for (step, metrics), finite in zip(self.pending, flags):
+      if not bool(finite):
         raise NonFiniteLoss(self.describe(step, metrics))
     self.pending.clear()
 

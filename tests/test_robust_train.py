@@ -86,10 +86,9 @@ def test_a_nonfinite_validation_is_never_best_and_a_changed_config_is_refused(
 
 def test_nonfinite_stop_names_its_step_and_no_checkpoint_holds_it(
     tiny_data, tmp_path, monkeypatch):
-  # The loop reads each step's finite flag one step late (so the host never
-  # waits on the step it just launched), and at once before a log, a save
-  # or a validation: step 4 is named, and neither its checkpoint nor its
-  # log is written.
+  # The loop reads the steps' finite flags only before a log, a save or a
+  # validation: step 4 is named, and neither its checkpoint nor its log is
+  # written.
   monkeypatch.setitem(models.MODELS, "small_net", (SmallNet, {}))
   real_step = train.Trainer.step
 
@@ -106,6 +105,33 @@ def test_nonfinite_stop_names_its_step_and_no_checkpoint_holds_it(
     train.train_and_evaluate(c, str(workdir))
   assert _steps_saved(workdir) == [2]
   assert not (workdir / "metrics.jsonl").read_text()
+
+
+class _Unread:
+  """A finite flag that fails the test if the host reads it."""
+
+  def __bool__(self):
+    raise AssertionError("the flag was read before check()")
+
+  __array__ = __bool__
+
+
+def test_nonfinite_watch_reads_flags_only_when_checked():
+  from cxr_jax.preemption import NonfiniteWatch
+  watch = NonfiniteWatch(True, lambda step, m: f"step {step}: {m['note']}")
+  for step in range(1, 4):
+    watch.add(step, {"finite": _Unread(), "note": step})
+  watch.pending = [(s, {**m, "finite": jnp.asarray(s != 2)})
+                   for s, m in watch.pending]
+  watch.add(4, {"finite": jnp.asarray(False), "note": 4})
+  with pytest.raises(NonFiniteLoss, match=r"^step 2: 2$"):  # the first
+    watch.check()
+  watch.pending = [(5, {"finite": jnp.asarray(True)})]
+  watch.check()
+  assert watch.pending == []
+  idle = NonfiniteWatch(False, None)  # nonfinite='skip': keeps nothing
+  idle.add(1, {"finite": _Unread()})
+  idle.check()
 
 
 def _toy_checkpoints(workdir, steps, config):
