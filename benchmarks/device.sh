@@ -48,7 +48,7 @@ if [ "$SMALL" = 1 ]; then
   bench evaluate 300 python3 benchmarks/evaluate.py --images 64 \
     --batch_sizes 8 16 --reps 2 --json "$OUT/evaluate.json"
   bench loop 300 python3 benchmarks/loop.py --steps 20 --log_every 5 \
-    --checkpoint_every 10 --json "$OUT/loop.json"
+    --checkpoint_every 10 --num_images 400 --json "$OUT/loop.json"
   bench data 300 python3 benchmarks/data.py --copies 1 --batches 20 \
     --threads "$(nproc)" --json "$OUT/data.json"
   bench step_cost 300 python3 benchmarks/step_cost.py --models inception_v3 \
@@ -63,7 +63,8 @@ else
     --loader_threads 16 --json "$OUT/evaluate.json"
   bench loop 120 python3 benchmarks/loop.py --depth_multiplier 1.0 \
     --image_size 299 --dtype bfloat16 --batch 64 --steps 150 --log_every 10 \
-    --checkpoint_every 50 --loader_threads 16 --json "$OUT/loop.json"
+    --checkpoint_every 50 --loader_threads 16 --num_images 1000 \
+    --json "$OUT/loop.json"
   bench data 60 python3 benchmarks/data.py --copies 10 --batches 300 \
     --threads 16 --json "$OUT/data.json"
   bench step_cost 60 python3 benchmarks/step_cost.py --models inception_v3 \
