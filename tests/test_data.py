@@ -249,6 +249,47 @@ def test_fast_reader_names_a_record_it_cannot_read(prepared, monkeypatch):
     ds.image_and_labels(3)
 
 
+def _png_row_filters(data: bytes) -> np.ndarray:
+  """The filter type of each row of an 8-bit gray, non-interlaced PNG."""
+  import struct
+  import zlib
+  width, height = struct.unpack(">II", data[16:24])
+  pos, idat = 8, b""
+  while pos < len(data):
+    (n,) = struct.unpack(">I", data[pos:pos + 4])
+    if data[pos + 4:pos + 8] == b"IDAT":
+      idat += data[pos + 8:pos + 8 + n]
+    pos += 12 + n
+  rows = np.frombuffer(zlib.decompress(idat), np.uint8)
+  return rows.reshape(height, width + 1)[:, 0]
+
+
+def test_level_0_stores_unfiltered_rows_of_the_same_pixels(tmp_path):
+  # Rows that PIL's adaptive filter would filter (a gradient plus noise).
+  rng = np.random.default_rng(0)
+  ramp = np.add.outer(np.arange(64), np.arange(64)) * 2
+  pixels = np.clip(ramp + rng.integers(0, 20, (64, 64)), 0, 255)
+  images = {f"{i:08d}_000.png": Image.fromarray(
+      np.roll(pixels, i, 1).astype(np.uint8), "L") for i in range(3)}
+  nih = _mini_nih(tmp_path / "nih", images)
+  for level in (0, 1):
+    out = str(tmp_path / f"out{level}")
+    tfds_builder.prepare(str(nih), out, image_size=64, workers=1,
+                         png_compression=level)
+    ds = pipeline.PreparedDataset(out)
+    for i, name in enumerate(ds.names):
+      stored = ds._example.FromString(ds._raw[i]).features.feature[
+          "image"].bytes_list.value[0]
+      filters = _png_row_filters(stored)
+      if level == 0:
+        assert not filters.any(), name
+      else:
+        assert filters.any(), name  # PIL's adaptive filters, smaller files
+      np.testing.assert_array_equal(ds.image_and_labels(i)[0][..., 0],
+                                    np.asarray(images[name]))
+    _reads_as_tfds(ds)
+
+
 def test_prepare_real_sample_with_allow_missing(nih_sample, tmp_path):
   target = str(tmp_path / "real")
   with pytest.raises(tfds_builder.PrepareError,
