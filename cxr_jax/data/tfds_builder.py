@@ -536,10 +536,10 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
   """Builds the dataset into `out`; returns a summary with every count, and
   under 'rebuilt' what had changed if an older build was replaced.
 
-  `png_compression` 0 (the default) stores deflate-free PNGs: about 88 KB an
-  image at 299 px (~10 GB for all 112,120) against ~41 KB at level 1, but
-  twice as fast to write and to decode at train time, where the CPU must keep
-  an accelerator fed. `max_pixels` raises (or lowers) the pixel limit.
+  `png_compression` 0 (the default) stores deflate-free PNGs with unfiltered
+  rows: about 88 KB an image at 299 px (~10 GB for all 112,120) against
+  ~41 KB at level 1, but much faster to write and to decode at train time,
+  where the CPU must keep an accelerator fed. `max_pixels` raises (or lowers) the pixel limit.
   """
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"NIH folder not found: {data_dir}")
