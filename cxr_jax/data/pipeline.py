@@ -164,12 +164,10 @@ class PreparedDataset:
 def _decode_png(data: bytes) -> np.ndarray:
   """uint8 [H, W] of a gray 8-bit PNG (as `prepare` writes them): libpng
   through imagecodecs, else PIL."""
-  try:
-    import imagecodecs
-  except ImportError:
-    imagecodecs = None
-  if imagecodecs is not None:
-    pixels = imagecodecs.png_decode(data)
+  from cxr_jax.data.tfds_builder import imagecodecs_or_none
+  codecs = imagecodecs_or_none()
+  if codecs is not None:
+    pixels = codecs.png_decode(data)
   else:
     import io
     from PIL import Image

@@ -184,14 +184,23 @@ def _is_gray8_png(head: bytes) -> bool:
           and head[24] == 8 and head[25] == 0)
 
 
-def _decode_gray8_fast(data: bytes) -> Image.Image | None:
-  """8-bit gray PNGs (nearly all of NIH) through imagecodecs' libpng, ~20%
-  faster than PIL's decoder; None when imagecodecs is absent."""
+def imagecodecs_or_none():
+  """imagecodecs (libpng, faster than PIL both ways) when installed; a
+  dependency of this package, but the PIL paths keep working without it."""
   try:
     import imagecodecs
   except ImportError:
     return None
-  pixels = imagecodecs.png_decode(data)
+  return imagecodecs
+
+
+def _decode_gray8_fast(data: bytes) -> Image.Image | None:
+  """8-bit gray PNGs (nearly all of NIH) through imagecodecs' libpng, ~20%
+  faster than PIL's decoder; None when imagecodecs is absent."""
+  codecs = imagecodecs_or_none()
+  if codecs is None:
+    return None
+  pixels = codecs.png_decode(data)
   if pixels.ndim == 3:
     # A tRNS chunk makes libpng add an alpha channel; the gray is channel 0,
     # as PIL reads it.
@@ -269,14 +278,10 @@ def encode_png(gray: Image.Image, compression: int) -> bytes:
   Paeth among them) is most of libpng's decoding time, 82 against 49 us at
   299 px. Other levels keep PIL's adaptive filters, which shrink the file.
   """
-  if compression == 0:
-    try:
-      import imagecodecs
-    except ImportError:
-      imagecodecs = None
-    if imagecodecs is not None:
-      return imagecodecs.png_encode(np.asarray(gray), level=0,
-                                    filter=imagecodecs.PNG.FILTER.NONE)
+  codecs = imagecodecs_or_none() if compression == 0 else None
+  if codecs is not None:
+    return codecs.png_encode(np.asarray(gray), level=0,
+                             filter=codecs.PNG.FILTER.NONE)
   buf = io.BytesIO()
   gray.save(buf, format="PNG", compress_level=compression)
   return buf.getvalue()
