@@ -142,6 +142,34 @@ def test_a_changed_source_is_rebuilt_and_the_log_says_what_changed(
   assert M.read_all(out).entries.labels[0, L.index("Cardiomegaly")] == 1
 
 
+def test_another_png_encoding_is_rebuilt_and_named(tmp_path, caplog):
+  import json
+  nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass"})
+  out = str(tmp_path / "out")
+  prepare = lambda **kw: tfds_builder.prepare(str(nih), out, image_size=32,
+                                              workers=1, **kw)
+  assert prepare()["rebuilt"] == []
+  assert prepare()["rebuilt"] == []  # the same encoding: reused
+  assert prepare(png_compression=1)["rebuilt"] == [
+      "its PNGs are level 0, unfiltered rows (level 1, adaptively "
+      "filtered rows asked for)"]
+  assert prepare(png_compression=1)["rebuilt"] == []
+  # A dataset an older cxr-jax prepared does not say: rebuilt, and said so.
+  path = tfds_builder._prepared_folders(out)[0]
+  meta_path = os.path.join(path, "metadata.json")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  del meta["png_encoding"]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  with caplog.at_level(logging.WARNING, logger="cxr_jax"):
+    assert prepare()["rebuilt"] == [
+        "its PNGs are from an older cxr-jax, with filtered rows (level 0, "
+        "unfiltered rows asked for)"]
+  assert "rebuilding" in caplog.text
+  assert _labels_of(out, 32) == {"a.png": ["Atelectasis"], "b.png": ["Mass"]}
+
+
 def test_another_size_prepared_from_an_older_source_is_refused(tmp_path):
   from cxr_jax.data import pipeline
   nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass"})

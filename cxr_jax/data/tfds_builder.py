@@ -24,9 +24,9 @@ with `max_pixels` (`prepare --max_pixels`) or the environment variable
 CXR_JAX_MAX_IMAGE_PIXELS, which `predict` honours too.
 
 One source, one dataset: the dataset records its source (the metadata files'
-SHA-256 digests, the image files' names and sizes). Preparing into the same
-`out` again reuses it when the source is unchanged, and otherwise rebuilds
-it, logging what changed; the copies of the metadata files in `out` are
+SHA-256 digests, the image files' names and sizes) and how its PNGs are
+stored. Preparing into the same `out` again reuses it when neither changed,
+and otherwise rebuilds it, logging what changed; the copies of the metadata files in `out` are
 written only after, so they always describe the records. `out` has one
 writer at a time (a lock file), and folders left by a killed build
 (`incomplete.*`) are removed, with a log line, by the next run.
@@ -287,6 +287,14 @@ def encode_png(gray: Image.Image, compression: int) -> bytes:
   return buf.getvalue()
 
 
+def png_encoding(compression: int) -> str:
+  """How `encode_png` stores films at this level, recorded with the dataset:
+  preparing again with another encoding rebuilds it."""
+  unfiltered = compression == 0 and imagecodecs_or_none() is not None
+  return (f"level {compression}, "
+          f"{'unfiltered' if unfiltered else 'adaptively filtered'} rows")
+
+
 # Each decoding worker's slot in a shared array: the index of the job it is
 # decoding, or -1. A worker that dies leaves its job there.
 _worker_slot: tuple[Any, int] | None = None
@@ -468,6 +476,7 @@ def make_builder_class():
           "image_size": self.builder_config.image_size,
           "source_csv": os.path.basename(meta.entries.source),
           "source": source.record,
+          "png_encoding": png_encoding(self._png_compression),
       })
       self._manual_meta = meta
       return {SPLIT: self._generate_examples(present, on_disk, meta)}
@@ -496,13 +505,18 @@ def make_builder_class():
   return Chestxray14, Chestxray14Config
 
 
-def _recorded_source(dataset_path: str) -> dict | None:
-  """The source record of a prepared dataset folder (None if it has none)."""
+def _recorded(dataset_path: str) -> dict:
+  """The metadata a prepared dataset folder records (empty if unreadable)."""
   try:
     with open(os.path.join(dataset_path, "metadata.json")) as f:
-      return json.load(f).get("source")
+      return json.load(f)
   except (OSError, ValueError):
-    return None
+    return {}
+
+
+def _recorded_source(dataset_path: str) -> dict | None:
+  """The source record of a prepared dataset folder (None if it has none)."""
+  return _recorded(dataset_path).get("source")
 
 
 def _prepared_folders(out: str) -> list[str]:
@@ -544,7 +558,8 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
   `png_compression` 0 (the default) stores deflate-free PNGs with unfiltered
   rows: about 88 KB an image at 299 px (~10 GB for all 112,120) against
   ~41 KB at level 1, but much faster to write and to decode at train time,
-  where the CPU must keep an accelerator fed. `max_pixels` raises (or lowers) the pixel limit.
+  where the CPU must keep an accelerator fed. A dataset stored at another
+  level is rebuilt. `max_pixels` raises (or lowers) the pixel limit.
   """
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"NIH folder not found: {data_dir}")
@@ -566,8 +581,13 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
     changes = []
     if os.path.exists(os.path.join(path, "dataset_info.json")):
       changes = source_changes(_recorded_source(path), source.record)
+      stored = _recorded(path).get(
+          "png_encoding", "from an older cxr-jax, with filtered rows")
+      if stored != png_encoding(png_compression):
+        changes.append(f"its PNGs are {stored} "
+                       f"({png_encoding(png_compression)} asked for)")
       if changes:
-        log.warning("rebuilding %s, prepared from another source: %s", path,
+        log.warning("rebuilding %s: %s", path,
                     "; ".join(changes))
         shutil.rmtree(path)
         builder = builder_cls(**options)  # the first read the old info
