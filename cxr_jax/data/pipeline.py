@@ -32,6 +32,7 @@ import numpy as np
 
 from cxr_jax import labels as L
 from cxr_jax.data import metadata as M
+from cxr_jax.data.tfds_builder import imagecodecs_or_none
 
 Batch = dict[str, np.ndarray]
 
@@ -164,7 +165,6 @@ class PreparedDataset:
 def _decode_png(data: bytes) -> np.ndarray:
   """uint8 [H, W] of a gray 8-bit PNG (as `prepare` writes them): libpng
   through imagecodecs, else PIL."""
-  from cxr_jax.data.tfds_builder import imagecodecs_or_none
   codecs = imagecodecs_or_none()
   if codecs is not None:
     pixels = codecs.png_decode(data)
