@@ -8,9 +8,10 @@
 2. pipeline: from the prepared dataset to global batches of 16 at 299x299
    that are ready for the model: uint8 batches from Grain, moved to the
    device and scaled/3-channelled there (our default), or normalised on the
-   host first (measured for comparison).
+   host first (measured for comparison); and the loader alone with worker
+   processes (`--workers`, config.loader_workers) beside its threads.
 
-    python benchmarks/data.py [--copies 4] [--batches 150]
+    python benchmarks/data.py [--copies 4] [--batches 150] [--workers 2 4]
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def main():
   parser.add_argument("--batches", type=int, default=150)
   parser.add_argument("--threads", type=int, default=4,
                       help="the loader's threads (config.loader_threads)")
+  parser.add_argument("--workers", type=int, nargs="*", default=[],
+                      help="worker process counts to time the loader with "
+                           "(config.loader_workers)")
   parser.add_argument("--json")
   args = parser.parse_args()
   cores = os.cpu_count()
@@ -122,6 +126,20 @@ def main():
     for _ in range(args.batches):
       next(it)
     t_loader = time.perf_counter() - t0
+    t_workers = {}
+    for workers in args.workers:
+      pooled = iter(pipeline.train_dataset(
+          ds, names, 16, seed=0, process_index=0, process_count=1,
+          threads=args.threads, workers=workers))
+      try:
+        for _ in range(5):  # the workers start and fill their buffers
+          next(pooled)
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+          next(pooled)
+        t_workers[workers] = time.perf_counter() - t0
+      finally:
+        pooled.close()
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -138,6 +156,8 @@ def main():
       "pipeline_device_normalize_images_per_s": images / t_device,
       "pipeline_host_normalize_images_per_s": images / t_host,
       "loader_only_images_per_s": images / t_loader,
+      **{f"loader_{w}_workers_images_per_s": images / t
+         for w, t in t_workers.items()},
   }
   print(f"data on {cores} cores, {n} {result['source']} -> {args.size}px")
   print(f"  plain PIL loop (1 process)   {result['plain_pil_images_per_s']:8.1f} images/s")
@@ -147,6 +167,8 @@ def main():
   print(f"  pipeline, normalize on device {result['pipeline_device_normalize_images_per_s']:7.1f} images/s")
   print(f"  pipeline, normalize on host   {result['pipeline_host_normalize_images_per_s']:7.1f} images/s")
   print(f"  loader alone (uint8 batches)  {result['loader_only_images_per_s']:7.1f} images/s")
+  for w, t in t_workers.items():
+    print(f"  loader, {w:2d} worker processes  {images / t:7.1f} images/s")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

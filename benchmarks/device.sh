@@ -50,7 +50,7 @@ if [ "$SMALL" = 1 ]; then
   bench loop 300 python3 benchmarks/loop.py --steps 20 --log_every 5 \
     --checkpoint_every 10 --num_images 400 --json "$OUT/loop.json"
   bench data 300 python3 benchmarks/data.py --copies 1 --batches 20 \
-    --threads "$(nproc)" --json "$OUT/data.json"
+    --threads "$(nproc)" --workers 2 --json "$OUT/data.json"
   bench step_cost 300 python3 benchmarks/step_cost.py --models inception_v3 \
     --batch 2 --size 75 --dtypes bfloat16 --no_keras --json "$OUT/step_cost.json"
 else
@@ -66,7 +66,7 @@ else
     --checkpoint_every 50 --loader_threads 16 --num_images 1000 \
     --json "$OUT/loop.json"
   bench data 60 python3 benchmarks/data.py --copies 10 --batches 300 \
-    --threads 16 --json "$OUT/data.json"
+    --threads 16 --workers 8 --json "$OUT/data.json"
   bench step_cost 60 python3 benchmarks/step_cost.py --models inception_v3 \
     --batch 64 --size 299 --dtypes bfloat16 --no_keras \
     --json "$OUT/step_cost.json"

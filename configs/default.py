@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment_flip = False     # off, as in the paper
   c.augment_min_crop = 1.0   # < 1.0 turns on random crop/rescale
   c.loader_threads = 4
+  # Worker processes that decode beside the threads (0: none). One process's
+  # threads share Python's lock for the work that holds it; a host feeding
+  # several accelerators may need more. The batches are the same either way.
+  c.loader_workers = 0
   # Model: `model_name` picks the backbone (cxr_jax.models.MODELS) and
   # `model` holds its keyword arguments (big_vision's way). Family options
   # (InceptionV3's output_stride, depth_multiplier, conv_init,

@@ -39,10 +39,10 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 # (a finished run is extended this way), how often to log, evaluate and save,
 # and how the same step is run. Any other change is another experiment.
 RESUMABLE_KEYS = frozenset((
-    "data_dir", "num_train_steps", "loader_threads", "log_every_steps",
-    "eval_every_steps", "eval_batch_size", "checkpoint_every_steps",
-    "max_eval_images", "parallel", "nonfinite", "compilation_cache",
-    "compilation_cache_dir"))
+    "data_dir", "num_train_steps", "loader_threads", "loader_workers",
+    "log_every_steps", "eval_every_steps", "eval_batch_size",
+    "checkpoint_every_steps", "max_eval_images", "parallel", "nonfinite",
+    "compilation_cache", "compilation_cache_dir"))
 
 
 class CheckpointError(ValueError):

@@ -128,6 +128,7 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "split_seed": _at_least(0),
     "augment_min_crop": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "loader_threads": _at_least(1),
+    "loader_workers": _at_least(0),
     "num_outputs": _at_least(1),
     "learning_rate": _finite_at_least(0),
     "batch_size": _at_least(1),

@@ -251,7 +251,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   data_iter = iter(pipeline.train_dataset(
       dataset, names["train"], config.batch_size, config.seed,
       pipeline.Augment(config.augment_flip, config.augment_min_crop),
-      threads=config.loader_threads))
+      threads=config.loader_threads,
+      workers=config.get("loader_workers", 0)))
   # A resumed run restores into the state's shapes: it never compiles the
   # init, nor loads a transfer run's ImageNet weights again.
   start, restored, data_state = checkpoint.resume(
@@ -351,6 +352,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           save()
     finally:
       mgr.wait_until_finished()
+      data_iter.close()  # stops loader worker processes now
   summary = {"step": step, "best_val_mean_auc": best["auc"],
              "best_step": mgr.best_step(),
              "nonfinite_steps": int(state.nonfinite_steps),

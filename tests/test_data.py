@@ -414,6 +414,46 @@ def test_pipeline_is_deterministic_and_resumable(prepared):
   assert x["labels"][0, L.NORMAL_INDEX] == float(rec["normal"])
 
 
+def test_worker_processes_yield_the_same_batches_and_positions(prepared):
+  """`loader_workers` decodes in other processes: the same batches, and a
+  position saved with any number of workers resumes with any other, and
+  with what Grain's own iterator saved before (checkpoints of older
+  runs)."""
+  import grain
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  names = ds.names[:50]
+  make = lambda workers: iter(pipeline.train_dataset(
+      ds, names, 10, 4, pipeline.Augment(flip=True, min_crop=0.8),
+      process_index=0, process_count=1, threads=2, workers=workers))
+  alone, pooled = make(0), make(2)
+  try:
+    want = [next(alone) for _ in range(7)]  # past the first epoch
+    got = [next(pooled) for _ in range(4)]
+    state = pooled.get_state()
+    assert state == {"next_index": 4}
+    got += [next(pooled) for _ in range(3)]
+    for x, y in zip(want, got):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+    alone.set_state(state)  # saved with two workers, resumed with none
+    np.testing.assert_array_equal(next(alone)["image"], want[4]["image"])
+    pooled.set_state({"next_index": 1})  # and the other way
+    np.testing.assert_array_equal(next(pooled)["index"], want[1]["index"])
+  finally:
+    alone.close()
+    pooled.close()
+  # The position Grain's plain iterator saves is the one we save.
+  batches = pipeline.train_dataset(ds, names, 10, 4, process_index=0,
+                                   process_count=1)._batches
+  plain = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+  for _ in range(3):
+    next(plain)
+  resumed = make(0)
+  resumed.set_state(plain.get_state())
+  np.testing.assert_array_equal(next(resumed)["index"], want[3]["index"])
+
+
 def test_device_feed_resumes_before_the_batches_it_holds(prepared):
   """Batches placed ahead of their step are not yet trained on: the state
   a checkpoint records is the loader's before the first of them."""

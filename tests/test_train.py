@@ -334,16 +334,19 @@ def test_loop_on_a_small_model_resumes_with_its_best_and_analyses(
   resumed = train.train_and_evaluate(c, workdir)  # nothing left to train
   assert resumed["best_step"] == first["best_step"]
   assert resumed["best_val_mean_auc"] == first["best_val_mean_auc"]
-  # Continued to 12 steps: the resume restores into the state's shapes
-  # without running the init, and ends where a run never stopped ends.
+  # Continued to 12 steps, decoding in two worker processes: the resume
+  # restores into the state's shapes without running the init, and ends
+  # where a run never stopped, with no workers, ends.
   c.num_train_steps = 12
+  never_stopped = c.copy_and_resolve_references()
+  c.loader_workers = 2
 
   def no_init(*args):
     raise AssertionError("a resumed run initialised its variables")
   with monkeypatch.context() as m:
     m.setattr(train.Trainer, "init_state", no_init)
     assert train.train_and_evaluate(c, workdir)["step"] == 12
-  train.train_and_evaluate(c, str(tmp_path / "never_stopped"))
+  train.train_and_evaluate(never_stopped, str(tmp_path / "never_stopped"))
   for a, b in zip(jax.tree_util.tree_leaves(_final_params(workdir)[0]),
                   jax.tree_util.tree_leaves(
                       _final_params(tmp_path / "never_stopped")[0])):

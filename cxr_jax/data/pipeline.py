@@ -62,6 +62,7 @@ class PreparedDataset:
   def __init__(self, data_dir: str, image_size: int | None = None):
     import tensorflow_datasets as tfds
     from tensorflow_datasets.proto import tf_example_pb2
+    self._opened_as = {"data_dir": data_dir, "image_size": image_size}
     self._example = tf_example_pb2.Example
     self.path = find_prepared(data_dir, image_size)
     self.builder = tfds.builder_from_directory(self.path)
@@ -100,6 +101,14 @@ class PreparedDataset:
 
   def __len__(self) -> int:
     return len(self.names)
+
+  # Loader worker processes receive the dataset pickled: they open the same
+  # folder again rather than copy TFDS's readers.
+  def __getstate__(self) -> dict:
+    return dict(self._opened_as)
+
+  def __setstate__(self, opened_as: dict) -> None:
+    self.__init__(**opened_as)
 
   def indices(self, names: Sequence[str], what: str = "split") -> np.ndarray:
     """Record indices of `names`; names absent from the dataset are an error
@@ -252,8 +261,10 @@ def _read_options(threads: int):
 def train_dataset(dataset: PreparedDataset, names: Sequence[str],
                   global_batch: int, seed: int, augment: Augment = Augment(),
                   process_index: int | None = None,
-                  process_count: int | None = None, threads: int = 4):
-  """An endless, seeded IterDataset of this process's local batches."""
+                  process_count: int | None = None, threads: int = 4,
+                  workers: int = 0) -> "TrainBatches":
+  """Endless, seeded batches of this process's share; `workers` > 0 decodes
+  in that many worker processes (the same batches)."""
   import grain
   p, count, local = _process_share(global_batch, process_index, process_count)
   ds = grain.MapDataset.source(dataset.indices(names, "training split"))
@@ -262,8 +273,69 @@ def train_dataset(dataset: PreparedDataset, names: Sequence[str],
   ds = ds.map(_Load(dataset))
   if augment.active:
     ds = ds.random_map(augment, seed=seed + 1)
-  ds = ds.batch(local, drop_remainder=True)
-  return ds.to_iter_dataset(_read_options(threads))
+  return TrainBatches(ds.batch(local, drop_remainder=True), threads, workers)
+
+
+class TrainBatches:
+  """The training batches, as an iterable whose iterators save and restore
+  their position.
+
+  Batch n is element n of one seeded MapDataset, so a position is the number
+  of batches drawn ({'next_index': n}, what Grain's own iterator saves) and
+  resuming reads from batch n on. The position means the same with or
+  without worker processes, whatever their number: a resumed run may change
+  `loader_workers`. Grain's workers each take every k-th batch and their
+  outputs are interleaved in order, so they yield the same batches as one
+  process.
+  """
+
+  def __init__(self, batches, threads: int, workers: int):
+    self._batches, self._threads, self._workers = batches, threads, workers
+
+  def __iter__(self) -> "TrainBatches._Iterator":
+    return TrainBatches._Iterator(self)
+
+  def _open(self, start: int):
+    import grain
+    ds = self._batches[start:].to_iter_dataset(_read_options(self._threads))
+    if self._workers:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():
+        # Grain up to 0.2.18 reads an absl flag when starting workers under
+        # JAX, which raises in a program that never parsed absl flags
+        # (google/grain#1355, fixed upstream by defaulting the flag).
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._workers))
+    return iter(ds)
+
+  class _Iterator:
+
+    def __init__(self, source: "TrainBatches"):
+      self._source, self._drawn = source, 0
+      self._it = source._open(0)
+
+    def __iter__(self):
+      return self
+
+    def __next__(self) -> Batch:
+      batch = next(self._it)
+      self._drawn += 1
+      return batch
+
+    def get_state(self) -> dict:
+      return {"next_index": self._drawn}
+
+    def set_state(self, state: dict) -> None:
+      self.close()
+      self._drawn = int(state["next_index"])
+      self._it = self._source._open(self._drawn)
+
+    def close(self) -> None:
+      """Stops worker processes now rather than at garbage collection."""
+      close = getattr(self._it, "close", None)
+      if close is not None:
+        close()
 
 
 def eval_batches(dataset: PreparedDataset, names: Sequence[str],
