@@ -18,6 +18,11 @@ Grain, with no TensorFlow.
   a small random crop/rescale, seeded per element by Grain.
 * The iterator's state (`get_state`/`set_state`) is a small dict saved with
   each checkpoint, so a resumed run sees exactly the batches it would have.
+* Training and evaluation read two fields of each serialized record, the
+  PNG (decoded by libpng) and the labels, not TFDS's decoding of all of
+  them; `PreparedDataset.image_and_labels` says why and how it is checked.
+* Optional worker processes (`loader_workers`) decode training batches
+  beside the threads and yield the same batches (`TrainBatches`).
 """
 
 from __future__ import annotations
@@ -312,13 +317,16 @@ class TrainBatches:
   class _Iterator:
 
     def __init__(self, source: "TrainBatches"):
-      self._source, self._drawn = source, 0
-      self._it = source._open(0)
+      # Opened at the first batch, so that a resume (set_state first) starts
+      # the threads and workers once.
+      self._source, self._drawn, self._it = source, 0, None
 
     def __iter__(self):
       return self
 
     def __next__(self) -> Batch:
+      if self._it is None:
+        self._it = self._source._open(self._drawn)
       batch = next(self._it)
       self._drawn += 1
       return batch
@@ -329,11 +337,11 @@ class TrainBatches:
     def set_state(self, state: dict) -> None:
       self.close()
       self._drawn = int(state["next_index"])
-      self._it = self._source._open(self._drawn)
 
     def close(self) -> None:
       """Stops worker processes now rather than at garbage collection."""
-      close = getattr(self._it, "close", None)
+      it, self._it = self._it, None
+      close = getattr(it, "close", None)
       if close is not None:
         close()
 
