@@ -67,6 +67,8 @@ def section(out: pathlib.Path) -> list[str]:
              "loop without saves img/s":
                  r["loop_without_saves"]["images_per_s"],
              "ratio without saves": r["ratio_without_saves"],
+             "fed img/s": r["bare"]["fed_images_per_s"],
+             "without saves / fed": r.get("ratio_without_saves_to_fed"),
              "compile": json.dumps(r["loop"]["compile"])}
             for r in loop["runs"]]
     lines += [f"### loop.py: the loop against the bare step, "
