@@ -251,8 +251,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   data_iter = iter(pipeline.train_dataset(
       dataset, names["train"], config.batch_size, config.seed,
       pipeline.Augment(config.augment_flip, config.augment_min_crop),
-      threads=config.loader_threads,
-      workers=config.get("loader_workers", 0)))
+      threads=config.loader_threads, workers=config.loader_workers))
   # A resumed run restores into the state's shapes: it never compiles the
   # init, nor loads a transfer run's ImageNet weights again.
   start, restored, data_state = checkpoint.resume(

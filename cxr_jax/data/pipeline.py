@@ -37,7 +37,7 @@ import numpy as np
 
 from cxr_jax import labels as L
 from cxr_jax.data import metadata as M
-from cxr_jax.data.tfds_builder import imagecodecs_or_none
+from cxr_jax.data.tfds_builder import gray8_pixels
 
 Batch = dict[str, np.ndarray]
 
@@ -179,10 +179,8 @@ class PreparedDataset:
 def _decode_png(data: bytes) -> np.ndarray:
   """uint8 [H, W] of a gray 8-bit PNG (as `prepare` writes them): libpng
   through imagecodecs, else PIL."""
-  codecs = imagecodecs_or_none()
-  if codecs is not None:
-    pixels = codecs.png_decode(data)
-  else:
+  pixels = gray8_pixels(data)
+  if pixels is None:
     import io
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:

@@ -26,8 +26,8 @@ CXR_JAX_MAX_IMAGE_PIXELS, which `predict` honours too.
 One source, one dataset: the dataset records its source (the metadata files'
 SHA-256 digests, the image files' names and sizes) and how its PNGs are
 stored. Preparing into the same `out` again reuses it when neither changed,
-and otherwise rebuilds it, logging what changed; the copies of the metadata files in `out` are
-written only after, so they always describe the records. `out` has one
+and otherwise rebuilds it, logging what changed; the copies of the metadata
+files in `out` are written only after, so they always describe the records. `out` has one
 writer at a time (a lock file), and folders left by a killed build
 (`incomplete.*`) are removed, with a log line, by the next run.
 """
@@ -194,9 +194,10 @@ def imagecodecs_or_none():
   return imagecodecs
 
 
-def _decode_gray8_fast(data: bytes) -> Image.Image | None:
-  """8-bit gray PNGs (nearly all of NIH) through imagecodecs' libpng, ~20%
-  faster than PIL's decoder; None when imagecodecs is absent."""
+def gray8_pixels(data: bytes) -> np.ndarray | None:
+  """uint8 [H, W] of an 8-bit gray PNG (nearly all of NIH, and every film
+  `prepare` stores) through imagecodecs' libpng, ~20% faster than PIL's
+  decoder; None when imagecodecs is absent."""
   codecs = imagecodecs_or_none()
   if codecs is None:
     return None
@@ -205,7 +206,12 @@ def _decode_gray8_fast(data: bytes) -> Image.Image | None:
     # A tRNS chunk makes libpng add an alpha channel; the gray is channel 0,
     # as PIL reads it.
     pixels = pixels[..., 0]
-  return Image.fromarray(np.ascontiguousarray(pixels), "L")
+  return np.ascontiguousarray(pixels)
+
+
+def _decode_gray8_fast(data: bytes) -> Image.Image | None:
+  pixels = gray8_pixels(data)
+  return None if pixels is None else Image.fromarray(pixels, "L")
 
 
 def _decode_with_pil(path: str, data: bytes, limit: int) -> Image.Image:
@@ -514,11 +520,6 @@ def _recorded(dataset_path: str) -> dict:
     return {}
 
 
-def _recorded_source(dataset_path: str) -> dict | None:
-  """The source record of a prepared dataset folder (None if it has none)."""
-  return _recorded(dataset_path).get("source")
-
-
 def _prepared_folders(out: str) -> list[str]:
   return sorted(os.path.dirname(p) for p in glob.glob(
       os.path.join(out, "chestxray14", "*px", "*", "dataset_info.json")))
@@ -580,22 +581,23 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
     path = os.fspath(builder.data_path)
     changes = []
     if os.path.exists(os.path.join(path, "dataset_info.json")):
-      changes = source_changes(_recorded_source(path), source.record)
-      stored = _recorded(path).get(
-          "png_encoding", "from an older cxr-jax, with filtered rows")
-      if stored != png_encoding(png_compression):
-        changes.append(f"its PNGs are {stored} "
-                       f"({png_encoding(png_compression)} asked for)")
+      recorded = _recorded(path)
+      changes = source_changes(recorded.get("source"), source.record)
+      stored = recorded.get("png_encoding",
+                            "from an older cxr-jax, with filtered rows")
+      asked = png_encoding(png_compression)
+      if stored != asked:
+        changes.append(f"its PNGs are {stored} ({asked} asked for)")
       if changes:
-        log.warning("rebuilding %s: %s", path,
-                    "; ".join(changes))
+        log.warning("rebuilding %s: %s", path, "; ".join(changes))
         shutil.rmtree(path)
         builder = builder_cls(**options)  # the first read the old info
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
     _copy_metadata(data_dir, out)
     for other in _prepared_folders(out):  # other sizes
-      stale = source_changes(_recorded_source(other), source.record)
+      stale = source_changes(_recorded(other).get("source"),
+                             source.record)
       if stale:
         log.warning("%s was prepared from another source (%s) than the "
                     "metadata copies in %s now describe: prepare it again, "
