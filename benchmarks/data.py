@@ -122,10 +122,22 @@ def main():
       labels = jax.device_put(b["labels"])
     x.block_until_ready()
     t_host = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
       next(it)
     t_loader = time.perf_counter() - t0
+    # CPU time, all threads: what an accelerator host spends per image,
+    # steadier than a rate on a shared machine. Without threads as well,
+    # which leaves out their hand-offs.
+    c_loader = time.process_time() - c0
+    alone = iter(pipeline.train_dataset(ds, names, 16, seed=0,
+                                        process_index=0, process_count=1,
+                                        threads=0))
+    next(alone)
+    c0 = time.process_time()
+    for _ in range(args.batches):
+      next(alone)
+    c_no_threads = time.process_time() - c0
     t_workers = {}
     for workers in args.workers:
       pooled = iter(pipeline.train_dataset(
@@ -156,6 +168,8 @@ def main():
       "pipeline_device_normalize_images_per_s": images / t_device,
       "pipeline_host_normalize_images_per_s": images / t_host,
       "loader_only_images_per_s": images / t_loader,
+      "loader_cpu_us_per_image": c_loader / images * 1e6,
+      "loader_cpu_us_per_image_no_threads": c_no_threads / images * 1e6,
       **{f"loader_{w}_workers_images_per_s": images / t
          for w, t in t_workers.items()},
   }
@@ -167,6 +181,9 @@ def main():
   print(f"  pipeline, normalize on device {result['pipeline_device_normalize_images_per_s']:7.1f} images/s")
   print(f"  pipeline, normalize on host   {result['pipeline_host_normalize_images_per_s']:7.1f} images/s")
   print(f"  loader alone (uint8 batches)  {result['loader_only_images_per_s']:7.1f} images/s")
+  print(f"  loader CPU per image          {result['loader_cpu_us_per_image']:7.1f} us "
+        f"({args.threads} threads), "
+        f"{result['loader_cpu_us_per_image_no_threads']:.1f} us (none)")
   for w, t in t_workers.items():
     print(f"  loader, {w:2d} worker processes  {images / t:7.1f} images/s")
   if args.json:

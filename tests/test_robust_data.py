@@ -170,6 +170,62 @@ def test_another_png_encoding_is_rebuilt_and_named(tmp_path, caplog):
   assert _labels_of(out, 32) == {"a.png": ["Atelectasis"], "b.png": ["Mass"]}
 
 
+def _shards(out: str) -> list[str]:
+  import glob
+  return sorted(glob.glob(os.path.join(tfds_builder._prepared_folders(out)[0],
+                                       "*.array_record-*")))
+
+
+def _records(shard: str) -> tuple[str, list[bytes]]:
+  from array_record.python import array_record_module as arm
+  reader = arm.ArrayRecordReader(shard)
+  try:
+    return (reader.writer_options_string(),
+            list(reader.read(range(reader.num_records()))))
+  finally:
+    reader.close()
+
+
+def test_records_are_stored_uncompressed_and_older_ones_converted(
+    tmp_path, caplog):
+  """prepare stores each record as it is (TFDS would zstd it); a dataset
+  with compressed records, as cxr-jax prepared them before, is rewritten
+  record for record by the next prepare, without a rebuild."""
+  from array_record.python import array_record_module as arm
+  nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass",
+                                "c.png": "No Finding"})
+  out = str(tmp_path / "out")
+  tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
+  (shard,) = _shards(out)
+  options, records = _records(shard)
+  assert "uncompressed" in options.split(",")
+  assert len(records) == 3
+  labels = _labels_of(out, 32)
+  # As before: TFDS's own options, zstd.
+  writer = arm.ArrayRecordWriter(shard + ".old", "group_size:1")
+  for r in records:
+    writer.write(r)
+  writer.close()
+  os.replace(shard + ".old", shard)
+  assert "zstd" in _records(shard)[0]
+  open(shard + ".uncompressing", "wb").close()  # left by a killed rewrite
+  with caplog.at_level(logging.WARNING, logger="cxr_jax"):
+    summary = tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
+  assert summary["rebuilt"] == []
+  assert "stored the records of" in caplog.text and "uncompressed" in \
+      caplog.text
+  options_now, records_now = _records(shard)
+  assert "uncompressed" in options_now.split(",")
+  assert records_now == records
+  assert _shards(out) == [shard]  # the leftover is gone
+  assert not os.path.exists(shard + ".uncompressing")
+  assert _labels_of(out, 32) == labels
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="cxr_jax"):
+    tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
+  assert "stored the records" not in caplog.text  # nothing left to do
+
+
 def test_another_size_prepared_from_an_older_source_is_refused(tmp_path):
   from cxr_jax.data import pipeline
   nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass"})

@@ -5,7 +5,8 @@ The builder reads the official layout from a manual directory (`images/` or
 gray, resizes it with antialiasing to `image_size` and stores PNG bytes, so
 TFDS needs no TensorFlow to write it (it never sees a numpy image). Decoding
 runs in a process pool on all cores; records are written in image-name order
-(DatasetInfo's `disable_shuffling`), so record i is `metadata['names'][i]`.
+(DatasetInfo's `disable_shuffling`), so record i is `metadata['names'][i]`,
+and stored uncompressed (`store_records_uncompressed`).
 
 Gray conversion: L as is; RGB/RGBA/LA (R=G=B in NIH's RGBA files), palette
 and 1-bit through PIL's luminance; 16-bit and float images are stretched from
@@ -301,6 +302,48 @@ def png_encoding(compression: int) -> str:
           f"{'unfiltered' if unfiltered else 'adaptively filtered'} rows")
 
 
+# TFDS writes ArrayRecord's default, zstd on each record. On level-0 PNGs
+# (stored, not deflated) that saves about a quarter of the disk but costs the
+# reader more than the PNG decode itself, and on deflated PNGs it saves
+# nothing (benchmarks/RESULTS.md, data.py): so records are stored as they
+# are, and the PNG level alone trades size against speed.
+RECORD_OPTIONS = "group_size:1,uncompressed"
+_UNCOMPRESSING = ".uncompressing"
+
+
+def store_records_uncompressed(path: str) -> int:
+  """Rewrites the ArrayRecord shards of the prepared dataset at `path` whose
+  records are compressed, record for record; returns how many it rewrote.
+
+  Each shard is written beside itself and renamed over it, so a killed
+  rewrite leaves the old shard whole (and its leftover is removed by the
+  next run); readers that hold the old file open keep reading it.
+  """
+  from array_record.python import array_record_module as arm
+  for left in glob.glob(os.path.join(path, "*" + _UNCOMPRESSING)):
+    os.remove(left)
+  rewritten = 0
+  for shard in sorted(glob.glob(os.path.join(
+      path, "*.array_record-[0-9]*-of-[0-9]*"))):
+    reader = arm.ArrayRecordReader(shard)
+    try:
+      if "uncompressed" in reader.writer_options_string().split(","):
+        continue
+      n = reader.num_records()
+      writer = arm.ArrayRecordWriter(shard + _UNCOMPRESSING, RECORD_OPTIONS)
+      try:
+        for start in range(0, n, 256):
+          for record in reader.read(range(start, min(start + 256, n))):
+            writer.write(record)
+      finally:
+        writer.close()
+    finally:
+      reader.close()
+    os.replace(shard + _UNCOMPRESSING, shard)
+    rewritten += 1
+  return rewritten
+
+
 # Each decoding worker's slot in a shared array: the index of the job it is
 # decoding, or -1. A worker that dies leaves its job there.
 _worker_slot: tuple[Any, int] | None = None
@@ -580,7 +623,8 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
     builder = builder_cls(**options)
     path = os.fspath(builder.data_path)
     changes = []
-    if os.path.exists(os.path.join(path, "dataset_info.json")):
+    reused = os.path.exists(os.path.join(path, "dataset_info.json"))
+    if reused:
       recorded = _recorded(path)
       changes = source_changes(recorded.get("source"), source.record)
       stored = recorded.get("png_encoding",
@@ -594,6 +638,13 @@ def prepare(data_dir: str, out: str, image_size: int = 299,
         builder = builder_cls(**options)  # the first read the old info
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+    # Also converts, once, a dataset prepared before records were stored
+    # uncompressed: the same records, so nothing else needs rebuilding.
+    shards = store_records_uncompressed(path)
+    if shards and not changes and reused:
+      log.warning("stored the records of %s uncompressed (%d shards), as "
+                  "this cxr-jax prepares them: the same records, faster "
+                  "to read", path, shards)
     _copy_metadata(data_dir, out)
     for other in _prepared_folders(out):  # other sizes
       stale = source_changes(_recorded(other).get("source"),
