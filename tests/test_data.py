@@ -414,6 +414,43 @@ def test_pipeline_is_deterministic_and_resumable(prepared):
   assert x["labels"][0, L.NORMAL_INDEX] == float(rec["normal"])
 
 
+def test_each_epoch_is_a_permutation_and_batches_hold_their_records(
+    prepared):
+  """The order is a fresh permutation of the split each epoch, cut into
+  global batches that straddle epochs; the processes' shares interleave
+  into it; each batch holds what its records read, augmented by the
+  stream of its position."""
+  target, _ = prepared
+  ds = pipeline.PreparedDataset(target)
+  names = ds.names[:50]
+  split = ds.indices(names)
+  shares = [iter(pipeline.train_dataset(ds, names, 8, 3, process_index=p,
+                                        process_count=2)) for p in range(2)]
+  local = [[next(s) for _ in range(50)] for s in shares]  # 400: 8 epochs
+  order = np.empty(400, np.int64)
+  for p in range(2):
+    order[p::2] = np.concatenate([b["index"] for b in local[p]])
+  epochs = order.reshape(8, 50)
+  for epoch in epochs:
+    assert sorted(epoch) == sorted(split)
+  assert len({tuple(e) for e in epochs}) == 8
+  for b in local[0][:7]:
+    images, labels = ds.images_and_labels(b["index"])
+    np.testing.assert_array_equal(b["image"], images)
+    np.testing.assert_array_equal(b["labels"], labels)
+    assert b["mask"].tolist() == [1.0] * 4
+  aug = pipeline.Augment(flip=True, min_crop=0.8)
+  augmented = iter(pipeline.train_dataset(ds, names, 8, 3, aug,
+                                          process_index=1, process_count=2))
+  for b in range(3):
+    batch = next(augmented)
+    np.testing.assert_array_equal(batch["index"], local[1][b]["index"])
+    for k in range(4):
+      rng = np.random.Generator(np.random.Philox(key=4, counter=b * 4 + k))
+      np.testing.assert_array_equal(batch["image"][k],
+                                    aug(local[1][b]["image"][k], rng))
+
+
 def test_worker_processes_yield_the_same_batches_and_positions(prepared):
   """`loader_workers` decodes in other processes: the same batches, and a
   position saved with any number of workers resumes with any other, and

@@ -3,19 +3,22 @@ Grain, with no TensorFlow.
 
 * A split is a list of image names, mapped to record indices of the one
   prepared dataset (`PreparedDataset.indices`).
-* Training order: shuffle with `seed`, reshuffled each epoch
-  (`MapDataset.shuffle(seed).repeat()`), so the same seed gives the same
-  batches on any machine.
+* Training order: epoch e is a permutation of the split drawn from
+  (`seed`, e), so the same seed gives the same batches on any machine and
+  every epoch is reshuffled.
 * Per-process share: process p of P takes elements p, p+P, p+2P, ... of the
   global order and batches them by global_batch / P. Its local batch b is then
   exactly its share of global batch b, so each process decodes only its own
   images and the P local batches together are the global batch.
+* Grain's elements are whole batches: batch b's indices come from the
+  order, and one call reads, decodes and stacks them (`_LoadBatch`). Grain
+  runs those calls in threads or worker processes, in order.
 * Pixels leave the host as uint8 with one channel (4x less to transfer than
   float32, 12x less than 3-channel float32); `to_model_input` scales them to
   [-1, 1] and makes 3 channels on the device, inside the jitted step
   (benchmarks/data.py measures both placements).
 * Optional augmentation (off by default, as in the paper): horizontal flip and
-  a small random crop/rescale, seeded per element by Grain.
+  a small random crop/rescale, seeded per element by its position.
 * The iterator's state (`get_state`/`set_state`) is a small dict saved with
   each checkpoint, so a resumed run sees exactly the batches it would have.
 * Training and evaluation read two fields of each serialized record, the
@@ -31,6 +34,7 @@ import collections
 import dataclasses
 import glob
 import os
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -140,28 +144,42 @@ class PreparedDataset:
     result is equal to `record`'s (checked on a record when the dataset
     opens, and on every record in tests/test_data.py).
     """
-    example = self._example.FromString(self._raw[int(index)])
-    feature = example.features.feature
-    try:
-      pixels = _decode_png(feature["image"].bytes_list.value[0])
-      labels = feature["labels"].int64_list.value
-      normal = feature["normal"].int64_list.value
-    except (KeyError, IndexError, ValueError) as e:
-      raise ValueError(f"{self.path}: record {index} "
-                       f"({self.names[int(index)]}) cannot be read: "
-                       f"{type(e).__name__}: {e}") from None
-    if (pixels.shape != (self.image_size, self.image_size)
-        or len(labels) != L.NUM_DISEASES or len(normal) != 1):
-      raise ValueError(f"{self.path}: record {index} "
-                       f"({self.names[int(index)]}) holds a "
-                       f"{'x'.join(map(str, pixels.shape))} image, "
-                       f"{len(labels)} labels and {len(normal)} normal "
-                       f"flags; the dataset is {self.image_size}px with "
-                       f"{L.NUM_DISEASES} labels")
-    targets = np.empty(L.NUM_OUTPUTS, np.float32)
-    targets[:L.NUM_DISEASES] = labels
-    targets[L.NUM_DISEASES] = normal[0]
-    return pixels[..., None], targets
+    images, targets = self.images_and_labels(np.array([index]))
+    return images[0], targets[0]
+
+  def images_and_labels(self, indices: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, S, S, 1] and float32 [n, 15] of records `indices`, as
+    `image_and_labels` reads each; index -1 is padding, zeros."""
+    size = self.image_size
+    images = np.zeros((len(indices), size, size, 1), np.uint8)
+    targets = np.zeros((len(indices), L.NUM_OUTPUTS), np.float32)
+    for k, index in enumerate(indices):
+      if index < 0:
+        continue
+      index = int(index)
+      example = self._example.FromString(self._raw[index])
+      feature = example.features.feature
+      try:
+        pixels = _decode_png(feature["image"].bytes_list.value[0])
+        labels = feature["labels"].int64_list.value
+        normal = feature["normal"].int64_list.value
+      except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{self.path}: record {index} "
+                         f"({self.names[index]}) cannot be read: "
+                         f"{type(e).__name__}: {e}") from None
+      if (pixels.shape != (size, size) or len(labels) != L.NUM_DISEASES
+          or len(normal) != 1):
+        raise ValueError(f"{self.path}: record {index} "
+                         f"({self.names[index]}) holds a "
+                         f"{'x'.join(map(str, pixels.shape))} image, "
+                         f"{len(labels)} labels and {len(normal)} normal "
+                         f"flags; the dataset is {size}px with "
+                         f"{L.NUM_DISEASES} labels")
+      images[k, :, :, 0] = pixels
+      targets[k, :L.NUM_DISEASES] = labels
+      targets[k, L.NUM_DISEASES] = normal[0]
+    return images, targets
 
   def _check_fast_reader(self, index: int) -> None:
     """`image_and_labels` must equal TFDS's decoding: a TFDS that
@@ -208,8 +226,9 @@ class Augment:
   def active(self) -> bool:
     return self.flip or self.min_crop < 1.0
 
-  def __call__(self, element, rng: np.random.Generator):
-    image = element["image"]
+  def __call__(self, image: np.ndarray, rng: np.random.Generator
+               ) -> np.ndarray:
+    """uint8 [S, S, 1] -> the same shape, cropped, rescaled and flipped."""
     if self.min_crop < 1.0:
       from PIL import Image
       size = image.shape[0]
@@ -220,28 +239,90 @@ class Augment:
                                      Image.Resampling.BILINEAR))[..., None]
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return {**element, "image": np.ascontiguousarray(image)}
+    return image
 
 
-class _Load:
-  """Record index -> {'image' uint8 [S,S,1], 'labels' [15], 'mask', 'index'}.
+class _TrainOrder:
+  """Batch b -> the record indices of this process's local batch b.
 
-  Index -1 is padding (evaluation's last batch): zeros with mask 0.
+  Epoch e of the global order is a permutation of the split drawn from
+  (seed, e), so the same seed gives the same order on any machine and every
+  epoch is reshuffled. Position q of the global order is this process's
+  when q % P == p: its local batch b is exactly its share of global batch b.
+  Computing a batch's indices from a cached permutation costs next to
+  nothing per element, where Grain's index shuffle and per-element datasets
+  cost more than reading the record (benchmarks/RESULTS.md).
   """
 
-  def __init__(self, dataset: PreparedDataset):
-    self.dataset = dataset
-    self.size = dataset.image_size
+  def __init__(self, indices: np.ndarray, seed: int, local: int, p: int,
+               count: int):
+    self.indices, self.seed = np.asarray(indices, np.int64), seed
+    self.local, self.p, self.count = local, p, count
+    self._epochs: dict[int, np.ndarray] = {}
 
-  def __call__(self, index):
-    index = int(index)
-    if index < 0:
-      return {"image": np.zeros((self.size, self.size, 1), np.uint8),
-              "labels": np.zeros(L.NUM_OUTPUTS, np.float32),
-              "mask": np.float32(0), "index": np.int64(-1)}
-    image, labels = self.dataset.image_and_labels(index)
-    return {"image": image, "labels": labels, "mask": np.float32(1),
-            "index": np.int64(index)}
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_epochs": {}}
+
+  def _epoch(self, e: int) -> np.ndarray:
+    order = self._epochs.get(e)
+    if order is None:  # threads racing here compute the same permutation
+      order = self.indices[np.random.default_rng(
+          [self.seed, e]).permutation(len(self.indices))]
+      self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}
+      self._epochs[e] = order
+    return order
+
+  def __call__(self, b: int) -> np.ndarray:
+    n = len(self.indices)
+    positions = (b * self.local + np.arange(self.local)) * self.count + self.p
+    epochs = positions // n
+    out = np.empty(self.local, np.int64)
+    for e in np.unique(epochs):
+      at = epochs == e
+      out[at] = self._epoch(int(e))[positions[at] % n]
+    return out
+
+
+class _EvalOrder:
+  """Batch b -> this process's share of global batch b of `indices` in
+  order, padded with -1."""
+
+  def __init__(self, indices: np.ndarray, local: int, p: int, count: int):
+    self.share = np.asarray(indices, np.int64)[p::count]
+    self.local = local
+
+  def __len__(self) -> int:
+    return len(self.share) // self.local
+
+  def __call__(self, b: int) -> np.ndarray:
+    return self.share[b * self.local:(b + 1) * self.local]
+
+
+class _LoadBatch:
+  """Batch number -> {'image' uint8 [B,S,S,1], 'labels' [B,15], 'mask' [B],
+  'index' [B]}: one call per batch, which Grain's threads and workers run.
+
+  Index -1 is padding (evaluation's last batch): zeros with mask 0. With
+  augmentation, element k of batch b draws from the Philox stream
+  (seed, b * B + k), so the same batch is augmented the same way in any
+  thread or worker and after a resume.
+  """
+
+  def __init__(self, dataset: PreparedDataset, order, augment: Augment =
+               Augment(), seed: int = 0):
+    self.dataset, self.order = dataset, order
+    self.augment, self.seed = augment, seed
+
+  def __call__(self, b: int) -> Batch:
+    index = self.order(b)
+    images, labels = self.dataset.images_and_labels(index)
+    if self.augment.active:
+      for k in range(len(index)):
+        rng = np.random.Generator(np.random.Philox(
+            key=self.seed, counter=b * len(index) + k))
+        images[k] = self.augment(images[k], rng)
+    return {"image": images, "labels": labels,
+            "mask": (index >= 0).astype(np.float32), "index": index}
 
 
 def _process_share(global_batch: int, process_index: int | None,
@@ -270,13 +351,11 @@ def train_dataset(dataset: PreparedDataset, names: Sequence[str],
   in that many worker processes (the same batches)."""
   import grain
   p, count, local = _process_share(global_batch, process_index, process_count)
-  ds = grain.MapDataset.source(dataset.indices(names, "training split"))
-  ds = ds.shuffle(seed=seed).repeat()  # reshuffled each epoch
-  ds = ds.slice(slice(p, None, count))
-  ds = ds.map(_Load(dataset))
-  if augment.active:
-    ds = ds.random_map(augment, seed=seed + 1)
-  return TrainBatches(ds.batch(local, drop_remainder=True), threads, workers)
+  order = _TrainOrder(dataset.indices(names, "training split"), seed, local,
+                      p, count)
+  batches = grain.MapDataset.range(sys.maxsize).map(
+      _LoadBatch(dataset, order, augment, seed + 1))
+  return TrainBatches(batches, threads, workers)
 
 
 class TrainBatches:
@@ -354,9 +433,9 @@ def eval_batches(dataset: PreparedDataset, names: Sequence[str],
   p, count, local = _process_share(global_batch, process_index, process_count)
   idx = dataset.indices(names, "evaluation split")
   pad = (-len(idx)) % global_batch
-  idx = np.concatenate([idx, -np.ones(pad, np.int64)])
-  ds = grain.MapDataset.source(idx).slice(slice(p, None, count))
-  ds = ds.map(_Load(dataset)).batch(local, drop_remainder=True)
+  order = _EvalOrder(np.concatenate([idx, -np.ones(pad, np.int64)]), local,
+                     p, count)
+  ds = grain.MapDataset.range(len(order)).map(_LoadBatch(dataset, order))
   return iter(ds.to_iter_dataset(_read_options(threads)))
 
 
