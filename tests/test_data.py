@@ -449,6 +449,8 @@ def test_each_epoch_is_a_permutation_and_batches_hold_their_records(
       rng = np.random.Generator(np.random.Philox(key=4, counter=b * 4 + k))
       np.testing.assert_array_equal(batch["image"][k],
                                     aug(local[1][b]["image"][k], rng))
+  with pytest.raises(ValueError, match="training split has no images"):
+    pipeline.train_dataset(ds, [], 8, 3, process_index=0, process_count=1)
 
 
 def test_worker_processes_yield_the_same_batches_and_positions(prepared):

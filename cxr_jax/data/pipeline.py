@@ -265,11 +265,15 @@ class _TrainOrder:
 
   def _epoch(self, e: int) -> np.ndarray:
     order = self._epochs.get(e)
-    if order is None:  # threads racing here compute the same permutation
+    if order is None:
       order = self.indices[np.random.default_rng(
           [self.seed, e]).permutation(len(self.indices))]
-      self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}
-      self._epochs[e] = order
+      # Loader threads share this cache: a dict is never changed once
+      # published, only replaced, and threads racing here compute the same
+      # permutation.
+      epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}
+      epochs[e] = order
+      self._epochs = epochs
     return order
 
   def __call__(self, b: int) -> np.ndarray:
@@ -351,8 +355,10 @@ def train_dataset(dataset: PreparedDataset, names: Sequence[str],
   in that many worker processes (the same batches)."""
   import grain
   p, count, local = _process_share(global_batch, process_index, process_count)
-  order = _TrainOrder(dataset.indices(names, "training split"), seed, local,
-                      p, count)
+  indices = dataset.indices(names, "training split")
+  if not len(indices):
+    raise ValueError(f"the training split has no images of {dataset.path}")
+  order = _TrainOrder(indices, seed, local, p, count)
   batches = grain.MapDataset.range(sys.maxsize).map(
       _LoadBatch(dataset, order, augment, seed + 1))
   return TrainBatches(batches, threads, workers)
