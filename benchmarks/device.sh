@@ -13,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 SMALL=${SMALL:-0}  # 1: tiny sizes, to rehearse the script on a CPU
 started=$(date +%s)
 
