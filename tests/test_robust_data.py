@@ -226,6 +226,56 @@ def test_records_are_stored_uncompressed_and_older_ones_converted(
   assert "stored the records" not in caplog.text  # nothing left to do
 
 
+def test_a_failed_rewrite_leaves_the_shard_whole_and_says_so(
+    tmp_path, monkeypatch):
+  """A rewrite that fails (a full disk) names the shard and leaves it as it
+  was; a shard that is not ArrayRecord is named too."""
+  from array_record.python import array_record_module as arm
+  nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass",
+                                "c.png": "No Finding"})
+  out = str(tmp_path / "out")
+  tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
+  (shard,) = _shards(out)
+  _, records = _records(shard)
+  writer = arm.ArrayRecordWriter(shard + ".old", "group_size:1")
+  for r in records:
+    writer.write(r)
+  writer.close()
+  os.replace(shard + ".old", shard)
+  before = open(shard, "rb").read()
+  real_writer = arm.ArrayRecordWriter
+
+  class FullDisk:
+    def __init__(self, path, options):
+      self._writer, self._written = real_writer(path, options), 0
+
+    def write(self, record):
+      if self._written == 1:
+        raise RuntimeError("write() failed: No space left on device")
+      self._writer.write(record)
+      self._written += 1
+
+    def close(self):
+      self._writer.close()
+
+  monkeypatch.setattr(arm, "ArrayRecordWriter", FullDisk)
+  path = tfds_builder._prepared_folders(out)[0]
+  with pytest.raises(tfds_builder.PrepareError,
+                     match=r"array_record-00000-of-00001: storing its records "
+                           r"uncompressed failed, the shard is unchanged: "
+                           r"write\(\) failed: No space left"):
+    tfds_builder.store_records_uncompressed(path)
+  assert open(shard, "rb").read() == before
+  assert _shards(out) == [shard]  # no partial copy left
+  monkeypatch.undo()
+  with open(shard, "wb") as f:
+    f.write(b"not an ArrayRecord file")
+  with pytest.raises(tfds_builder.PrepareError,
+                     match=r"array_record-00000-of-00001 is not a readable "
+                           r"ArrayRecord file"):
+    tfds_builder.store_records_uncompressed(path)
+
+
 def test_another_size_prepared_from_an_older_source_is_refused(tmp_path):
   from cxr_jax.data import pipeline
   nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass"})

@@ -315,9 +315,10 @@ def store_records_uncompressed(path: str) -> int:
   """Rewrites the ArrayRecord shards of the prepared dataset at `path` whose
   records are compressed, record for record; returns how many it rewrote.
 
-  Each shard is written beside itself and renamed over it, so a killed
-  rewrite leaves the old shard whole (and its leftover is removed by the
-  next run); readers that hold the old file open keep reading it.
+  Each shard is written beside itself, read back and only then renamed over
+  it, so a failed or killed rewrite leaves the old shard whole (a killed
+  one's leftover is removed by the next run); readers that hold the old
+  file open keep reading it.
   """
   from array_record.python import array_record_module as arm
   for left in glob.glob(os.path.join(path, "*" + _UNCOMPRESSING)):
@@ -326,20 +327,37 @@ def store_records_uncompressed(path: str) -> int:
   for shard in sorted(glob.glob(os.path.join(
       path, "*.array_record-[0-9]*-of-[0-9]*"))):
     reader = arm.ArrayRecordReader(shard)
+    options = reader.writer_options_string() if reader.ok() else None
+    if options is None:  # (a reader that failed cannot even be closed)
+      raise PrepareError(f"{shard} is not a readable ArrayRecord file: "
+                         f"remove {path} and prepare again")
     try:
-      if "uncompressed" in reader.writer_options_string().split(","):
+      if "uncompressed" in options.split(","):
         continue
       n = reader.num_records()
-      writer = arm.ArrayRecordWriter(shard + _UNCOMPRESSING, RECORD_OPTIONS)
+      copy = shard + _UNCOMPRESSING
       try:
-        for start in range(0, n, 256):
-          for record in reader.read(range(start, min(start + 256, n))):
-            writer.write(record)
-      finally:
-        writer.close()
+        writer = arm.ArrayRecordWriter(copy, RECORD_OPTIONS)
+        try:
+          for start in range(0, n, 256):
+            for record in reader.read(range(start, min(start + 256, n))):
+              writer.write(record)
+        finally:
+          writer.close()
+        check, written = arm.ArrayRecordReader(copy), 0
+        if check.ok():
+          written = check.num_records()
+          check.close()
+        if written != n:
+          raise RuntimeError(f"{written} of {n} records read back")
+      except RuntimeError as e:  # array_record's errors: the disk, a read
+        if os.path.exists(copy):
+          os.remove(copy)
+        raise PrepareError(f"{shard}: storing its records uncompressed "
+                           f"failed, the shard is unchanged: {e}") from None
     finally:
       reader.close()
-    os.replace(shard + _UNCOMPRESSING, shard)
+    os.replace(copy, shard)
     rewritten += 1
   return rewritten
 
