@@ -186,31 +186,41 @@ def _records(shard: str) -> tuple[str, list[bytes]]:
     reader.close()
 
 
-def test_records_are_stored_uncompressed_and_older_ones_converted(
-    tmp_path, caplog):
-  """prepare stores each record as it is (TFDS would zstd it); a dataset
-  with compressed records, as cxr-jax prepared them before, is rewritten
-  record for record by the next prepare, without a rebuild."""
-  from array_record.python import array_record_module as arm
+def _prepared_shard(tmp_path) -> tuple[str, str, str, list[bytes]]:
+  """A three-film dataset prepared into tmp_path/out: (its NIH folder, out,
+  its one shard, the shard's records)."""
   nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass",
                                 "c.png": "No Finding"})
   out = str(tmp_path / "out")
   tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
   (shard,) = _shards(out)
-  options, records = _records(shard)
-  assert "uncompressed" in options.split(",")
-  assert len(records) == 3
-  labels = _labels_of(out, 32)
-  # As before: TFDS's own options, zstd.
+  return str(nih), out, shard, _records(shard)[1]
+
+
+def _store_as_before(shard: str, records: list[bytes]) -> None:
+  """The shard as TFDS writes it, with ArrayRecord's zstd."""
+  from array_record.python import array_record_module as arm
   writer = arm.ArrayRecordWriter(shard + ".old", "group_size:1")
   for r in records:
     writer.write(r)
   writer.close()
   os.replace(shard + ".old", shard)
+
+
+def test_records_are_stored_uncompressed_and_older_ones_converted(
+    tmp_path, caplog):
+  """prepare stores each record as it is (TFDS would zstd it); a dataset
+  with compressed records, as cxr-jax prepared them before, is rewritten
+  record for record by the next prepare, without a rebuild."""
+  nih, out, shard, records = _prepared_shard(tmp_path)
+  assert "uncompressed" in _records(shard)[0].split(",")
+  assert len(records) == 3
+  labels = _labels_of(out, 32)
+  _store_as_before(shard, records)
   assert "zstd" in _records(shard)[0]
   open(shard + ".uncompressing", "wb").close()  # left by a killed rewrite
   with caplog.at_level(logging.WARNING, logger="cxr_jax"):
-    summary = tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
+    summary = tfds_builder.prepare(nih, out, image_size=32, workers=1)
   assert summary["rebuilt"] == []
   assert "stored the records of" in caplog.text and "uncompressed" in \
       caplog.text
@@ -222,7 +232,7 @@ def test_records_are_stored_uncompressed_and_older_ones_converted(
   assert _labels_of(out, 32) == labels
   caplog.clear()
   with caplog.at_level(logging.WARNING, logger="cxr_jax"):
-    tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
+    tfds_builder.prepare(nih, out, image_size=32, workers=1)
   assert "stored the records" not in caplog.text  # nothing left to do
 
 
@@ -231,17 +241,8 @@ def test_a_failed_rewrite_leaves_the_shard_whole_and_says_so(
   """A rewrite that fails (a full disk) names the shard and leaves it as it
   was; a shard that is not ArrayRecord is named too."""
   from array_record.python import array_record_module as arm
-  nih = _nih(tmp_path / "nih", {"a.png": "Atelectasis", "b.png": "Mass",
-                                "c.png": "No Finding"})
-  out = str(tmp_path / "out")
-  tfds_builder.prepare(str(nih), out, image_size=32, workers=1)
-  (shard,) = _shards(out)
-  _, records = _records(shard)
-  writer = arm.ArrayRecordWriter(shard + ".old", "group_size:1")
-  for r in records:
-    writer.write(r)
-  writer.close()
-  os.replace(shard + ".old", shard)
+  _, out, shard, records = _prepared_shard(tmp_path)
+  _store_as_before(shard, records)
   before = open(shard, "rb").read()
   real_writer = arm.ArrayRecordWriter
 
