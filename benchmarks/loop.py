@@ -201,16 +201,9 @@ def main():
                        looped["median_window_images_per_s"] /
                        bare["median_window_images_per_s"]})
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-  ratio = statistics.median(r["ratio"] for r in runs)
-  ratio_to_fed = statistics.median(r["ratio_to_fed"] for r in runs)
-  ratio_without_saves = statistics.median(r["ratio_without_saves"]
-                                          for r in runs)
-  without_saves_to_fed = statistics.median(r["ratio_without_saves_to_fed"]
-                                           for r in runs)
-  window_ratio = statistics.median(r["median_window_ratio_without_saves"]
-                                   for r in runs)
-  window_ratio_saves = statistics.median(r["median_window_ratio"]
-                                         for r in runs)
+  # Each ratio's median over the repetitions, under the run's key.
+  medians = {k: statistics.median(r[k] for r in runs)
+             for k in runs[0] if "ratio" in k}
   print(f"loop vs bare step: InceptionV3 x{args.depth_multiplier} at "
         f"{args.image_size}px, global batch {args.batch}, "
         f"{args.num_images} films, {device}, "
@@ -232,21 +225,18 @@ def main():
           f"{b['fed_median_window_images_per_s']:.1f}, loop without a "
           f"save {l['median_window_images_per_s']:.1f}, loop without saves "
           f"{r['loop_without_saves']['median_window_images_per_s']:.1f}")
-  print(f"median ratio loop / bare: {ratio:.3f}; loop / step fed by the "
-        f"pipeline: {ratio_to_fed:.3f}; loop without saves / bare: "
-        f"{ratio_without_saves:.3f}, / fed: {without_saves_to_fed:.3f}")
-  print(f"median windows, loop without saves / bare: {window_ratio:.3f}; "
-        f"loop's windows without a save / bare: {window_ratio_saves:.3f}")
+  print(f"median ratio loop / bare: {medians['ratio']:.3f}; loop / step "
+        f"fed by the pipeline: {medians['ratio_to_fed']:.3f}; loop without "
+        f"saves / bare: {medians['ratio_without_saves']:.3f}, / fed: "
+        f"{medians['ratio_without_saves_to_fed']:.3f}")
+  print(f"median windows, loop without saves / bare: "
+        f"{medians['median_window_ratio_without_saves']:.3f}; loop's "
+        f"windows without a save / bare: "
+        f"{medians['median_window_ratio']:.3f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": device, "jax": jax.__version__,
-                 "args": vars(args), "runs": runs, "ratio": ratio,
-                 "ratio_to_fed": ratio_to_fed,
-                 "ratio_without_saves": ratio_without_saves,
-                 "ratio_without_saves_to_fed": without_saves_to_fed,
-                 "median_window_ratio_without_saves": window_ratio,
-                 "median_window_ratio": window_ratio_saves}, f,
-                indent=2)
+                 "args": vars(args), "runs": runs, **medians}, f, indent=2)
 
 
 if __name__ == "__main__":

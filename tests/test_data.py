@@ -456,8 +456,8 @@ def test_each_epoch_is_a_permutation_and_batches_hold_their_records(
 def test_worker_processes_yield_the_same_batches_and_positions(prepared):
   """`loader_workers` decodes in other processes: the same batches, and a
   position saved with any number of workers resumes with any other, and
-  with what Grain's own iterator saved before (checkpoints of older
-  runs)."""
+  the position Grain's own iterator saves (what checkpoints of older runs
+  hold) means the same batch number."""
   import grain
   target, _ = prepared
   ds = pipeline.PreparedDataset(target)

@@ -28,9 +28,9 @@ One source, one dataset: the dataset records its source (the metadata files'
 SHA-256 digests, the image files' names and sizes) and how its PNGs are
 stored. Preparing into the same `out` again reuses it when neither changed,
 and otherwise rebuilds it, logging what changed; the copies of the metadata
-files in `out` are written only after, so they always describe the records. `out` has one
-writer at a time (a lock file), and folders left by a killed build
-(`incomplete.*`) are removed, with a log line, by the next run.
+files in `out` are written only after, so they always describe the records.
+`out` has one writer at a time (a lock file), and folders left by a killed
+build (`incomplete.*`) are removed, with a log line, by the next run.
 """
 
 from __future__ import annotations
@@ -311,6 +311,26 @@ RECORD_OPTIONS = "group_size:1,uncompressed"
 _UNCOMPRESSING = ".uncompressing"
 
 
+def _copy_uncompressed(arm, reader, copy: str) -> None:
+  """Writes every record of `reader` into a new ArrayRecord file `copy`,
+  uncompressed, and reads the count back; array_record's RuntimeError on
+  any failure (a full disk, an unreadable record)."""
+  n = reader.num_records()
+  writer = arm.ArrayRecordWriter(copy, RECORD_OPTIONS)
+  try:
+    for start in range(0, n, 256):
+      for record in reader.read(range(start, min(start + 256, n))):
+        writer.write(record)
+  finally:
+    writer.close()
+  check, written = arm.ArrayRecordReader(copy), 0
+  if check.ok():
+    written = check.num_records()
+    check.close()
+  if written != n:
+    raise RuntimeError(f"{written} of {n} records read back")
+
+
 def store_records_uncompressed(path: str) -> int:
   """Rewrites the ArrayRecord shards of the prepared dataset at `path` whose
   records are compressed, record for record; returns how many it rewrote.
@@ -331,30 +351,16 @@ def store_records_uncompressed(path: str) -> int:
     if options is None:  # (a reader that failed cannot even be closed)
       raise PrepareError(f"{shard} is not a readable ArrayRecord file: "
                          f"remove {path} and prepare again")
+    copy = shard + _UNCOMPRESSING
     try:
       if "uncompressed" in options.split(","):
         continue
-      n = reader.num_records()
-      copy = shard + _UNCOMPRESSING
-      try:
-        writer = arm.ArrayRecordWriter(copy, RECORD_OPTIONS)
-        try:
-          for start in range(0, n, 256):
-            for record in reader.read(range(start, min(start + 256, n))):
-              writer.write(record)
-        finally:
-          writer.close()
-        check, written = arm.ArrayRecordReader(copy), 0
-        if check.ok():
-          written = check.num_records()
-          check.close()
-        if written != n:
-          raise RuntimeError(f"{written} of {n} records read back")
-      except RuntimeError as e:  # array_record's errors: the disk, a read
-        if os.path.exists(copy):
-          os.remove(copy)
-        raise PrepareError(f"{shard}: storing its records uncompressed "
-                           f"failed, the shard is unchanged: {e}") from None
+      _copy_uncompressed(arm, reader, copy)
+    except RuntimeError as e:
+      if os.path.exists(copy):
+        os.remove(copy)
+      raise PrepareError(f"{shard}: storing its records uncompressed "
+                         f"failed, the shard is unchanged: {e}") from None
     finally:
       reader.close()
     os.replace(copy, shard)
