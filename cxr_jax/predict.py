@@ -69,8 +69,13 @@ def dicom_to_gray8(path: str, max_pixels: int | None = None) -> Image.Image:
       return Image.fromarray(np.asarray(pixels, np.uint8), "RGB").convert("L")
     raise ImageReadError(f"{path}: unsupported PhotometricInterpretation "
                          f"{photometric!r}")
-  values = apply_modality_lut(pixels, ds).astype(np.float64)
-  values = np.asarray(apply_voi_lut(values, ds, index=0), np.float64)
+  try:
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    values = np.asarray(apply_voi_lut(values, ds, index=0), np.float64)
+  except Exception as e:  # a corrupt rescale or window tag, as pydicom reads it
+    raise ImageReadError(f"{path}: cannot apply its rescale or window "
+                         f"(a damaged tag?): {type(e).__name__}: "
+                         f"{e}") from None
   lo, hi = float(values.min()), float(values.max())
   if photometric == "MONOCHROME1":  # low values are bright: invert
     values = lo + hi - values
